@@ -1,0 +1,162 @@
+"""Averaging math for parameter gossip: push-sum, pairwise averaging, robust clipping.
+
+Pure functions on flat parameter tensors; no I/O. The push-sum functions broadcast, so the same
+code mixes one node's 1-D vector or a whole (nodes, dim) matrix with a (nodes, 1) weight column.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch.nn.utils import parameters_to_vector
+
+Weight = float | torch.Tensor
+ROBUST_MODES: tuple[str, ...] = ("none", "clip", "reject")
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one new, detached 1-D tensor."""
+    with torch.no_grad():
+        return parameters_to_vector(tensors).clone()
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy a flat vector back into `tensors` in place (they keep their own storage)."""
+    # vector_to_parameters would make the tensors views of `flat`, not copies.
+    total = sum(t.numel() for t in tensors)
+    if flat.dim() != 1 or flat.numel() != total:
+        raise ValueError(f"flat must be 1-D with {total} elements, got shape {tuple(flat.shape)}")
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+class PushSumShare(NamedTuple):
+    """What a push-sum sender gives each target; `weight` is also the sender's new weight."""
+
+    payload: torch.Tensor
+    weight: Weight
+
+
+def push_sum_share(
+    theta: torch.Tensor, weight: Weight, n_targets: int | torch.Tensor
+) -> PushSumShare:
+    """Split the mass w*theta into n_targets+1 equal parts; theta itself is left unchanged."""
+    part = weight / (n_targets + 1)
+    return PushSumShare(payload=theta * part, weight=part)
+
+
+def push_sum_receive(
+    theta: torch.Tensor, weight: Weight, payload: torch.Tensor, payload_weight: Weight
+) -> Weight:
+    """Add received mass in place: theta <- (w*theta + y) / (w + v); return w + v."""
+    total = weight + payload_weight
+    theta.mul_(weight).add_(payload).div_(total)
+    return total
+
+
+def push_sum_receive_many(
+    theta: torch.Tensor, weight: Weight, messages: Sequence[tuple[torch.Tensor, Weight]]
+) -> Weight:
+    """Receive several (payload, payload_weight) messages at once; return the new weight."""
+    if not messages:
+        return weight
+    payload = torch.stack([y for y, _ in messages]).sum(dim=0)
+    payload_weight = sum(v for _, v in messages)
+    return push_sum_receive(theta, weight, payload, payload_weight)
+
+
+def pairwise_average(
+    theta: torch.Tensor, peer_theta: torch.Tensor, alpha: float = 0.5
+) -> torch.Tensor:
+    """In place theta <- (1 - alpha) * theta + alpha * peer_theta; returns theta."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return theta.lerp_(peer_theta, alpha)
+
+
+def centered_clip(theta: torch.Tensor, peer_theta: torch.Tensor, tau: float) -> torch.Tensor:
+    """The peer's parameters moved toward ours until at most `tau` away (a new tensor)."""
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau!r}")
+    diff = peer_theta - theta
+    distance = float(torch.linalg.vector_norm(diff))
+    if distance <= tau:
+        return peer_theta.clone()
+    return theta + diff * (tau / distance)
+
+
+@dataclass
+class AdaptiveClipThreshold:
+    """Clip radius tau = multiplier * median of the last `window` observed peer distances."""
+
+    window: int = 32
+    """How many recent distances the median is taken over."""
+    multiplier: float = 3.0
+    """tau is this many medians."""
+    floor: float = 0.0
+    """Lower bound on tau, so tau never collapses to 0 once peers agree."""
+    initial: float = math.inf
+    """tau while no distance has been observed yet."""
+    _distances: deque[float] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.multiplier <= 0 or self.floor < 0:
+            raise ValueError(
+                "window must be >= 1, multiplier > 0 and floor >= 0, got "
+                f"window={self.window!r}, multiplier={self.multiplier!r}, floor={self.floor!r}"
+            )
+        self._distances = deque(maxlen=self.window)
+
+    def observe(self, distance: float) -> None:
+        """Record one peer distance."""
+        self._distances.append(float(distance))
+
+    @property
+    def tau(self) -> float:
+        """The current clip radius."""
+        if not self._distances:
+            return max(self.initial, self.floor)
+        return max(self.multiplier * statistics.median(self._distances), self.floor)
+
+
+def robust_filter(
+    theta: torch.Tensor,
+    peer_theta: torch.Tensor,
+    mode: str,
+    threshold: AdaptiveClipThreshold,
+) -> torch.Tensor | None:
+    """Peer parameters to mix in under `mode` ("none", "clip", "reject"); None means drop.
+
+    The peer's distance is judged against tau before it is added to the threshold's window.
+    """
+    if mode not in ROBUST_MODES:
+        raise ValueError(f"mode must be one of {ROBUST_MODES}, got {mode!r}")
+    if mode == "none":
+        return peer_theta
+    tau = threshold.tau
+    distance = float(torch.linalg.vector_norm(peer_theta - theta))
+    threshold.observe(distance)
+    if mode == "clip":
+        return centered_clip(theta, peer_theta, tau)
+    return None if distance > tau else peer_theta
+
+
+def consensus_distance(theta: torch.Tensor, peers: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """Mean L2 distance from theta to each peer, and that mean divided by ||theta||."""
+    if not peers:
+        return 0.0, 0.0
+    distances = [float(torch.linalg.vector_norm(p - theta)) for p in peers]
+    mean = sum(distances) / len(distances)
+    norm = float(torch.linalg.vector_norm(theta))
+    if norm > 0:
+        return mean, mean / norm
+    return mean, (0.0 if mean == 0 else math.inf)
