@@ -1,0 +1,5 @@
+import sys
+
+from gossipdqn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""The `gossipdqn` command: train, eval, node, local and the rest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gossipdqn import __version__
+from gossipdqn.checkpoint import load_checkpoint
+from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
+from gossipdqn.envs import EnvError, make_vector_env, spec_of
+from gossipdqn.evaluate import evaluate
+from gossipdqn.learner import Learner
+from gossipdqn.node import CHECKPOINT_NAME, Node
+
+
+class UsageError(Exception):
+    """A user's mistake: printed as one line, exit code 2, no traceback."""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training command takes."""
+    parser.add_argument("--config", type=Path, help="TOML config (default: the CartPole config)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set learner.lr=1e-3 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, help="seed (overrides the config's)")
+    parser.add_argument("--device", help="learner device: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--run-dir", type=Path, help="output directory (default runs/NAME-TIME)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The config a run uses: its file (or the resumed run's), then --set, --seed, --device."""
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.device is not None:
+        overrides.append(f'learner.device="{args.device}"')
+    if args.resume is not None:
+        saved = args.resume / "config.toml"
+        if not saved.is_file():
+            raise UsageError(f"--resume {args.resume}: no config.toml there; expected a run dir")
+        return load_config(saved, overrides)
+    return load_config(args.config, overrides)
+
+
+def resolve_run_dir(args: argparse.Namespace, cfg: Config) -> Path:
+    if args.resume is not None:
+        return args.resume
+    return args.run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, so the loop ends cleanly and checkpoints."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def run_node(node: Node, args: argparse.Namespace) -> dict:
+    """Restore when resuming, run until done or signalled, close; the summary."""
+    stop = stop_on_signals()
+    try:
+        if args.resume is not None and (args.resume / CHECKPOINT_NAME).is_file():
+            node.restore(args.resume / CHECKPOINT_NAME)
+        return node.run(stop)
+    finally:
+        node.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    run_dir = resolve_run_dir(args, cfg)
+    if not args.quiet:
+        print(f"gossipdqn: training {cfg.env.id} into {run_dir}", flush=True)
+    summary = run_node(Node(cfg, run_dir, quiet=args.quiet), args)
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _checkpoint_file(path: Path) -> Path:
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    path = _checkpoint_file(args.checkpoint)
+    try:
+        state = load_checkpoint(path)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    import tomllib
+
+    cfg = config_from_dict(tomllib.loads(state["config"]))
+    if args.device:
+        cfg = config_from_dict(tomllib.loads(state["config"]), [f'learner.device="{args.device}"'])
+    env = make_vector_env(cfg.env, num_envs=1)
+    spec = spec_of(env)
+    env.close()
+    learner = Learner(spec, cfg.network, cfg.learner, seed=cfg.seed)
+    learner.load_state_dict(state["learner"])
+    result = evaluate(learner.q_values, cfg.env, args.episodes, seed=args.seed, eps=args.eps)
+    if args.json:
+        print(json.dumps({"mean": result.mean, "std": result.std, "returns": result.returns}))
+    else:
+        print(f"{cfg.env.id}: return {result.mean:.2f} +- {result.std:.2f} over {args.episodes}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gossipdqn", description="Decentralized deep Q-learning over ZeroMQ gossip."
+    )
+    parser.add_argument("--version", action="version", version=f"gossipdqn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one node on this machine")
+    add_run_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
+    ev.add_argument("checkpoint", type=Path, help="checkpoint file or run dir")
+    ev.add_argument("--episodes", type=int, default=20)
+    ev.add_argument("--seed", type=int, default=12345)
+    ev.add_argument("--eps", type=float, default=0.0, help="epsilon of the evaluation policy")
+    ev.add_argument("--device", help="device to load the network on")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UsageError, ConfigError, EnvError) as e:
+        print(f"gossipdqn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The node: wires actors, replay, learner, evaluation, checkpoints and gossip; runs the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from gossipdqn.actors import Actors
+from gossipdqn.checkpoint import load_checkpoint, save_checkpoint
+from gossipdqn.config import Config, config_to_toml
+from gossipdqn.envs import make_vector_env, spec_of
+from gossipdqn.evaluate import evaluate
+from gossipdqn.learner import Learner
+from gossipdqn.metrics import MetricsLog, PhaseTimer, format_progress, print_progress
+from gossipdqn.replay import ReplayBuffer
+from gossipdqn.types import EvalResult
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class Exchange(Protocol):
+    """How a node trades knowledge with others (gossip, a parameter server, all-reduce)."""
+
+    def after_env_step(self, env_steps: int, replay: ReplayBuffer) -> None: ...
+
+    def after_update(self, updates: int, learner: Learner) -> None: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class Progress:
+    """Counters of a run, checkpointed and restored on resume."""
+
+    env_steps: int = 0
+    updates: int = 0
+    episodes: int = 0
+    train_s: float = 0.0
+    evals: int = 0
+    steps_to_threshold: int | None = None
+    seconds_to_threshold: float | None = None
+    last_eval: float | None = None
+
+
+@dataclasses.dataclass
+class Window:
+    """Statistics gathered between two metric records."""
+
+    returns: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    mean_qs: list[float] = dataclasses.field(default_factory=list)
+    env_steps: int = 0
+    updates: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class Node:
+    """One DQN node: `train_step()` is one actor step plus the updates it makes due."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        quiet: bool = False,
+        label: str = "",
+        exchange: Exchange | None = None,
+        actor_offset: int = 0,
+        total_actors: int | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.quiet, self.label = cfg, Path(run_dir), quiet, label
+        if cfg.learner.threads:
+            torch.set_num_threads(cfg.learner.threads)
+        env = make_vector_env(cfg.env)
+        self.spec = spec_of(env)
+        self.actors = Actors(
+            env, self.spec, cfg.actor, n_step=cfg.replay.n_step, gamma=cfg.learner.gamma,
+            seed=cfg.seed, actor_offset=actor_offset, total_actors=total_actors,
+        )  # fmt: skip
+        self.replay = ReplayBuffer(
+            cfg.replay.capacity, self.spec.obs_shape, self.spec.obs_dtype,
+            prioritized=cfg.replay.prioritized, alpha=cfg.replay.alpha,
+            priority_eps=cfg.replay.priority_eps, seed=cfg.seed + 1,
+        )  # fmt: skip
+        self.learner = Learner(self.spec, cfg.network, cfg.learner, seed=cfg.seed)
+        self.exchange = exchange
+        self.progress = Progress()
+        self.window = Window()
+        self.timer = PhaseTimer()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
+        self.log = MetricsLog(self.run_dir)
+        self.last_line = time.monotonic()
+        self.recent: dict[str, Any] = {}
+        self.last_line_steps = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def beta(self) -> float:
+        frac = min(1.0, self.progress.env_steps / self.cfg.replay.beta_steps)
+        return self.cfg.replay.beta_start + frac * (1.0 - self.cfg.replay.beta_start)
+
+    def updates_due(self) -> int:
+        lc = self.cfg.learner
+        if self.progress.env_steps < lc.learning_starts or len(self.replay) < lc.batch_size:
+            return 0
+        target = int((self.progress.env_steps - lc.learning_starts) * lc.updates_per_step)
+        return max(0, target - self.progress.updates)
+
+    def train_step(self) -> None:
+        """Step the actors once, store what they saw, then run the updates now due."""
+        with self.timer.phase("act"):
+            out = self.actors.step(self.learner.q_values)
+        with self.timer.phase("replay_add"):
+            self.replay.add(out.transitions)
+        self.progress.env_steps += out.env_steps
+        self.progress.episodes += len(out.episode_returns)
+        self.window.env_steps += out.env_steps
+        self.window.returns.extend(out.episode_returns.tolist())
+        if self.exchange is not None:
+            with self.timer.phase("gossip"):
+                self.exchange.after_env_step(self.progress.env_steps, self.replay)
+        for _ in range(self.updates_due()):
+            self._update()
+
+    def _update(self) -> None:
+        with self.timer.phase("sample"):
+            batch = self.replay.sample(self.cfg.learner.batch_size, self.beta())
+        with self.timer.phase("update"):
+            result = self.learner.step(batch)
+        self.replay.update_priorities(batch.indices, result.td_errors)
+        self.progress.updates += 1
+        self.window.updates += 1
+        self.window.losses.append(result.loss)
+        self.window.mean_qs.append(result.mean_q)
+        if self.exchange is not None:
+            with self.timer.phase("gossip"):
+                self.exchange.after_update(self.progress.updates, self.learner)
+
+    def evaluate(self, episodes: int) -> EvalResult:
+        """Greedy evaluation on separate environments, seeded apart from training."""
+        seed = self.cfg.seed + 1_000_003 * (self.progress.evals + 1)
+        self.progress.evals += 1
+        return evaluate(
+            self.learner.q_values, self.cfg.env, episodes, seed=seed, eps=self.cfg.eval.eps
+        )
+
+    def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Train until total_steps, the threshold (when asked to stop there) or `stop`."""
+        stop = stop or threading.Event()
+        cfg = self.cfg
+        next_eval = _next_multiple(self.progress.env_steps, cfg.eval.every_steps)
+        next_log = _next_multiple(self.progress.env_steps, cfg.train.log_every_steps)
+        next_ckpt = _next_multiple(self.progress.env_steps, cfg.checkpoint.every_steps)
+        solved = False
+        while self.progress.env_steps < cfg.train.total_steps and not stop.is_set() and not solved:
+            started = time.perf_counter()
+            self.train_step()
+            self.progress.train_s += time.perf_counter() - started
+            steps = self.progress.env_steps
+            if next_eval and steps >= next_eval:
+                next_eval = _next_multiple(steps, cfg.eval.every_steps)
+                solved = self._periodic_eval() and cfg.train.stop_at_threshold
+            if steps >= next_log:
+                next_log = _next_multiple(steps, cfg.train.log_every_steps)
+                self._record()
+            if next_ckpt and steps >= next_ckpt:
+                next_ckpt = _next_multiple(steps, cfg.checkpoint.every_steps)
+                self.save()
+            self._maybe_progress_line()
+        return self.finish(interrupted=stop.is_set())
+
+    def _periodic_eval(self) -> bool:
+        result = self.evaluate(self.cfg.eval.episodes)
+        self.progress.last_eval = result.mean
+        reached = result.mean >= self.cfg.eval.threshold
+        if reached and self.progress.steps_to_threshold is None:
+            self.progress.steps_to_threshold = self.progress.env_steps
+            self.progress.seconds_to_threshold = self.progress.train_s
+        self.log.write({
+            "step": self.progress.env_steps, "wall_s": self.progress.train_s,
+            "eval_return_mean": result.mean, "eval_return_std": result.std,
+        })  # fmt: skip
+        return reached
+
+    def _record(self) -> dict[str, Any]:
+        w, p = self.window, self.progress
+        elapsed = max(time.perf_counter() - w.started, 1e-9)
+        record: dict[str, Any] = {"step": p.env_steps, "wall_s": p.train_s}
+        record |= {
+            "updates": p.updates, "episodes": p.episodes, "replay_size": len(self.replay),
+            "return_mean": _mean(w.returns), "loss": _mean(w.losses), "mean_q": _mean(w.mean_qs),
+            "epsilon": float(np.mean(self.actors.epsilon())),
+            "env_steps_per_s": w.env_steps / elapsed, "updates_per_s": w.updates / elapsed,
+        }  # fmt: skip
+        record |= self.timer.split()
+        if self.exchange is not None:
+            record |= self.exchange.metrics()
+        self.log.write(record)
+        self.recent = record
+        self.window = Window()
+        return record
+
+    def _maybe_progress_line(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self.last_line
+        if elapsed < self.cfg.train.progress_every_s:
+            return
+        self.last_line = now
+        self.log.flush()
+        steps = self.progress.env_steps
+        speed = (steps - self.last_line_steps) / elapsed
+        self.last_line_steps = steps
+        if not self.quiet:
+            record = self.recent | {"step": steps, "env_steps_per_s": speed}
+            record["eval_return_mean"] = self.progress.last_eval
+            print_progress(format_progress(self.label, record))
+
+    def finish(self, *, interrupted: bool) -> dict[str, Any]:
+        """Final evaluation (unless interrupted), last checkpoint, `summary.json`."""
+        final = None if interrupted else self.evaluate(self.cfg.eval.final_episodes)
+        self.save()
+        p = self.progress
+        summary = {
+            "env_steps": p.env_steps, "updates": p.updates, "episodes": p.episodes,
+            "wall_s": p.train_s, "interrupted": interrupted,
+            "final_eval_return_mean": final.mean if final else None,
+            "final_eval_return_std": final.std if final else None,
+            "final_eval_returns": list(final.returns) if final else None,
+            "threshold": self.cfg.eval.threshold,
+            "steps_to_threshold": p.steps_to_threshold,
+            "seconds_to_threshold": p.seconds_to_threshold,
+            "time_split": self.timer.split(),
+        }  # fmt: skip
+        if self.exchange is not None:
+            summary["exchange"] = self.exchange.metrics()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": 1,
+            "config": config_to_toml(self.cfg),
+            "progress": dataclasses.asdict(self.progress),
+            "learner": self.learner.state_dict(),
+            "actor": {"steps": self.actors.steps, "rng": self.actors.rng.bit_generator.state},
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.cfg.checkpoint.replay:
+            state["replay"] = self.replay.state_dict()
+        return state
+
+    def save(self) -> None:
+        with self.timer.phase("checkpoint"):
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint: nets, optimizer, counters, epsilon, RNGs, replay."""
+        state = load_checkpoint(path)
+        self.learner.load_state_dict(state["learner"])
+        self.progress = Progress(**state["progress"])
+        self.last_line_steps = self.progress.env_steps
+        self.actors.steps = int(state["actor"]["steps"])
+        self.actors.rng.bit_generator.state = state["actor"]["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+
+    def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.close()
+        self.actors.close()
+        self.log.close()
+
+
+def _next_multiple(value: int, every: int) -> int:
+    """The first multiple of `every` above `value`; 0 when `every` is 0 (disabled)."""
+    return (value // every + 1) * every if every else 0
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None

@@ -1,0 +1,48 @@
+"""Plain data that flows between the parts of a node."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Transitions(NamedTuple):
+    """A batch of n-step transitions; `discounts` is gamma^k, or 0 where the episode terminated."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_obs: np.ndarray
+    discounts: np.ndarray
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return int(self.actions.shape[0])
+
+
+class SampledBatch(NamedTuple):
+    """A minibatch from replay, with importance weights and the slots it came from."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_obs: np.ndarray
+    discounts: np.ndarray
+    weights: np.ndarray
+    indices: np.ndarray
+
+
+class EnvSpec(NamedTuple):
+    """What the networks and replay need to know about an environment."""
+
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    n_actions: int
+
+
+class EvalResult(NamedTuple):
+    """Returns of a greedy evaluation."""
+
+    mean: float
+    std: float
+    returns: tuple[float, ...]
