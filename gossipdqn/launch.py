@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 import gossipdqn
@@ -77,7 +77,7 @@ class RemoteSettings:
 
     def node_dir(self, rank: int) -> str:
         """The run dir of node `rank` on its host."""
-        return f"{self.run_dir.rstrip('/') or '/'}/node-{rank}"
+        return str(PurePosixPath(self.run_dir) / f"node-{rank}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,8 @@ def _probe(target: str, argv: list[str], version: str, timeout: float) -> str | 
         )
     except subprocess.TimeoutExpired:
         return f"{target}: no answer within {timeout:g} s"
+    except OSError as exc:
+        return f"{target}: cannot run ssh ({exc})"
     tail = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
     if done.returncode == 255:
         return f"{target}: ssh failed: {tail}"
@@ -233,7 +235,7 @@ def watch(running: Sequence[Running], stop: threading.Event, keep_going: bool) -
 def stop_nodes(plan: LaunchPlan, running: Sequence[Running]) -> None:
     """Ask every live node to stop (end its ssh stdin), then kill what is left, remotely too."""
     live = [item for item in running if item.proc.poll() is None]
-    for item in live:
+    for item in running:
         with contextlib.suppress(OSError):
             item.proc.stdin.close()  # type: ignore[union-attr]
     grace = plan.remote.grace + plan.ssh.connect_timeout
@@ -304,7 +306,11 @@ def run_launch(args: argparse.Namespace) -> int:
         for node in plan.nodes:
             print(shlex.join(plan.node_command(node)))
         return 0
-    failures = preflight(plan)
+    try:
+        failures = preflight(plan)
+    except KeyboardInterrupt:
+        _say("interrupted during preflight; nothing started")
+        return 130
     if failures:
         _say(f"preflight failed on {len(failures)} of {len(plan.targets())} hosts; nothing started")
         for failure in failures:
@@ -405,7 +411,7 @@ def supervise(pidfile: Path, argv: Sequence[str], grace: float = 10.0) -> int:
         while proc.poll() is None and not stop.is_set() and not _at_eof(sys.stdin.fileno(), 0.2):
             pass
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.terminate()  # the node stops its own children; the group is killed after
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(grace)
     finally:
