@@ -406,7 +406,8 @@ def supervise(pidfile: Path, argv: Sequence[str], grace: float = 10.0) -> int:
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    pidfile.write_text(f"{proc.pid}\n")
+    pidfile.with_suffix(".tmp").write_text(f"{proc.pid}\n")
+    pidfile.with_suffix(".tmp").replace(pidfile)
     try:
         while proc.poll() is None and not stop.is_set() and not _at_eof(sys.stdin.fileno(), 0.2):
             pass

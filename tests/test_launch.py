@@ -24,6 +24,8 @@ from gossipdqn.launch import (
     add_launch_arguments,
     build_plan,
     preflight,
+    resolve_env_peers,
+    resolve_slurm_peers,
     run_launch,
     start_nodes,
     stop_nodes,
@@ -220,6 +222,37 @@ def test_bad_env_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse(["--hosts", "a", "--run-dir", "r", "--env", "1X=2"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+SLURM_ENV = {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "gpu[7-8]",
+             "SLURM_TASKS_PER_NODE": "2,1"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("scontrol", "peers"),
+    [
+        (
+            '[ "$1 $2 $3" = "show hostnames gpu[7-8]" ] && printf "alpha\\nbeta\\n"',
+            ["alpha:47000", "alpha:47001", "beta:47000"],
+        ),
+        ("exit 1", ["gpu7:47000", "gpu7:47001", "gpu8:47000"]),
+        (None, ["gpu7:47000", "gpu7:47001", "gpu8:47000"]),
+    ],
+)
+def test_resolve_slurm_peers_prefers_scontrol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scontrol: str | None, peers: list[str]
+) -> None:
+    if scontrol is not None:
+        (tmp_path / "scontrol").write_text(f"#!/bin/sh\n{scontrol}\n")
+        (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_slurm_peers(SLURM_ENV) == (2, peers)
+
+
+def test_resolve_env_peers_from_hosts_file(tmp_path: Path) -> None:
+    (tmp_path / "hosts").write_text("a slots=2\nb port=5000\n")
+    env = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"}
+    assert resolve_env_peers(env, str(tmp_path / "hosts")) == (1, ["a:47000", "a:47001", "b:5000"])
 
 
 def test_preflight_reports_every_failure(workdir: Path, sshd: SshServer) -> None:  # noqa: F811
