@@ -371,7 +371,13 @@ def gossip_received(path: Path) -> bool:
 
 def cartpole_argv(tmp: Path, server: SshServer, *extra: str) -> list[str]:
     """A CartPole run of three real nodes, long enough to be stopped by the test."""
-    sets = ["--set", "env.id=CartPole-v1", "--set", "train.total_steps=1000000"]
+    settings = [
+        "env.id=CartPole-v1", "train.total_steps=1000000", "train.log_every_steps=100",
+        "env.num_envs=2", "network.hidden=[32,32]", "learner.learning_starts=100",
+        "learner.batch_size=32", "eval.every_steps=0", "checkpoint.every_steps=0",
+        "gossip.share_every=50", "gossip.interval=5",
+    ]  # fmt: skip
+    sets = [word for setting in settings for word in ("--set", setting)]
     return launch_argv(tmp, server, sys.executable, "--quiet", *sets, *extra)
 
 
