@@ -265,22 +265,29 @@ def _run_quietly(argv: list[str], timeout: float) -> None:
 
 def collect(plan: LaunchPlan, dest: Path) -> list[str]:
     """Copy every node's run dir back into `dest` (tar over ssh); return what failed."""
-    failures = []
     dest.mkdir(parents=True, exist_ok=True)
+    failures = []
     for target in plan.targets():
         names = [f"node-{n.rank}" for n in plan.nodes if n.spec.target == target]
         tar = ["tar", "-C", plan.remote.run_dir, "-cf", "-", *names]
-        argv = plan.ssh.command(target, plan.remote.shell(tar))
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        assert proc.stdout is not None
-        try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
-                archive.extractall(dest, filter="data")
-        except tarfile.TarError as exc:
-            failures.append(f"{target}: {exc}")
-        if proc.wait() and not failures:
-            failures.append(f"{target}: copy failed (exit {proc.returncode})")
+        failure = _untar_from(plan.ssh.command(target, plan.remote.shell(tar)), dest)
+        failures += [f"{target}: {failure}"] if failure else []
     return failures
+
+
+def _untar_from(argv: list[str], dest: Path) -> str | None:
+    """Extract the tar stream `argv` writes into `dest`; None when fine, else what failed."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
+            archive.extractall(dest, filter="data")
+    except tarfile.TarError as exc:
+        return f"bad archive ({exc})"
+    finally:
+        proc.stdout.close()
+        proc.wait()
+    return f"copy failed (exit {proc.returncode})" if proc.returncode else None
 
 
 @contextlib.contextmanager
