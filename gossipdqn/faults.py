@@ -1,0 +1,187 @@
+"""The send path without sockets: bounded per-peer queues, a byte budget, injected faults."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gossipdqn.config import FaultsConfig
+
+_EXPECTED = "expected 'START-END:a,b|c,d' (seconds since start, END > START, ranks in >= 2 groups)"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Between `start` and `end` seconds, ranks in different groups cannot talk."""
+
+    start: float
+    end: float
+    groups: tuple[frozenset[int], ...]
+
+    def cuts(self, a: int, b: int, elapsed_s: float) -> bool:
+        """Whether a message from `a` to `b` is cut at `elapsed_s`; unlisted ranks are never cut."""
+        if not self.start <= elapsed_s < self.end:
+            return False
+        group_a = next((i for i, g in enumerate(self.groups) if a in g), None)
+        group_b = next((i for i, g in enumerate(self.groups) if b in g), None)
+        return group_a is not None and group_b is not None and group_a != group_b
+
+
+def _parse_window(entry: str, window: str) -> tuple[float, float]:
+    start_text, sep, end_text = window.partition("-")
+    try:
+        start, end = float(start_text), float(end_text)
+    except ValueError:
+        raise ValueError(
+            f"faults.partition {entry!r}: bad window {window!r}; {_EXPECTED}"
+        ) from None
+    if not sep or start < 0 or end <= start:
+        raise ValueError(f"faults.partition {entry!r}: bad window {window!r}; {_EXPECTED}")
+    return start, end
+
+
+def _parse_groups(entry: str, text: str) -> tuple[frozenset[int], ...]:
+    try:
+        groups = tuple(frozenset(int(r) for r in g.split(",")) for g in text.split("|"))
+    except ValueError:
+        raise ValueError(f"faults.partition {entry!r}: bad ranks {text!r}; {_EXPECTED}") from None
+    ranks = [r for g in groups for r in g]
+    if len(groups) < 2 or len(set(ranks)) != len(ranks) or min(ranks) < 0:
+        raise ValueError(
+            f"faults.partition {entry!r}: groups must be >= 2, disjoint, ranks >= 0; {_EXPECTED}"
+        )
+    return groups
+
+
+def parse_partition(entry: str) -> Partition:
+    """Parse one `START-END:a,b|c,d` entry, raising ValueError that names it."""
+    window, sep, groups = entry.replace(" ", "").partition(":")
+    if not sep:
+        raise ValueError(f"faults.partition {entry!r}: missing ':'; {_EXPECTED}")
+    start, end = _parse_window(entry, window)
+    return Partition(start, end, _parse_groups(entry, groups))
+
+
+class FaultInjector:
+    """Decides, per outbound message, whether it drops and when it is due."""
+
+    def __init__(self, faults: FaultsConfig, rank: int, seed: int = 0) -> None:
+        self.rank = rank
+        self.delay_s = faults.delay_ms / 1000.0
+        self.drop_prob = faults.drop_prob
+        self.partitions = tuple(parse_partition(e) for e in faults.partition)
+        self._rng = random.Random(f"gossipdqn-faults-{seed}-{rank}")
+
+    def drop_reason(self, peer: int, elapsed_s: float) -> str | None:
+        """'partition', 'fault_drop' or None (deliver); callers serialize calls (shared RNG)."""
+        if any(p.cuts(self.rank, peer, elapsed_s) for p in self.partitions):
+            return "partition"
+        if self.drop_prob > 0 and self._rng.random() < self.drop_prob:
+            return "fault_drop"
+        return None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A queued message: its frames, their total size, and when it may leave."""
+
+    frames: list[Any]
+    nbytes: int
+    due: float
+
+
+class TokenBucket:
+    """Bytes per second with a one-second burst; a send may overdraw, later sends then wait."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate, self.tokens, self.last = rate, rate, now
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next send is allowed (0: now)."""
+        if self.rate <= 0:
+            return 0.0
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        return 0.0 if self.tokens > 0 else -self.tokens / self.rate
+
+    def spend(self, nbytes: int) -> None:
+        """Take `nbytes` from the bucket."""
+        self.tokens -= nbytes
+
+
+class Outbox:
+    """Per-peer FIFOs that drop their oldest when full; a message leaves when due and in budget."""
+
+    def __init__(
+        self,
+        peers: Iterable[int],
+        limit: int,
+        max_bytes_per_s: float,
+        injector: FaultInjector,
+        now: float,
+    ) -> None:
+        self.limit, self.injector = limit, injector
+        self._lock = threading.Lock()
+        self._queues: dict[int, deque[Outgoing]] = {p: deque() for p in peers}
+        self._buckets = {p: TokenBucket(max_bytes_per_s, now) for p in self._queues}
+        self._throttled: set[int] = set()
+        self._dropped: Counter[str] = Counter()
+
+    def put(self, peer: int, frames: list[Any], nbytes: int, now: float, elapsed_s: float) -> bool:
+        """Queue a message; False when a fault rule dropped it (counted)."""
+        with self._lock:
+            reason = self.injector.drop_reason(peer, elapsed_s)
+            if reason is not None:
+                self._dropped[reason] += 1
+                return False
+            queue = self._queues[peer]
+            if len(queue) >= self.limit:
+                queue.popleft()
+                self._dropped["budget" if peer in self._throttled else "queue_full"] += 1
+            queue.append(Outgoing(frames, nbytes, now + self.injector.delay_s))
+            return True
+
+    def take(self, peer: int, now: float) -> tuple[Outgoing | None, float]:
+        """The next message that may leave now, or None and the seconds to wait (inf: empty)."""
+        with self._lock:
+            queue = self._queues[peer]
+            if not queue:
+                self._throttled.discard(peer)
+                return None, math.inf
+            if queue[0].due > now:
+                return None, queue[0].due - now
+            budget_wait = self._buckets[peer].wait_s(now)
+            if budget_wait > 0:
+                self._throttled.add(peer)
+                return None, budget_wait
+            self._throttled.discard(peer)
+            return queue.popleft(), 0.0
+
+    def sent(self, peer: int, item: Outgoing) -> None:
+        """Charge a message that left to the peer's budget."""
+        with self._lock:
+            self._buckets[peer].spend(item.nbytes)
+
+    def put_back(self, peer: int, item: Outgoing) -> None:
+        """Return a message the socket refused, unless it is now the oldest of a full queue."""
+        with self._lock:
+            queue = self._queues[peer]
+            if len(queue) >= self.limit:
+                self._dropped["queue_full"] += 1
+            else:
+                queue.appendleft(item)
+
+    def dropped(self) -> dict[str, int]:
+        """Messages dropped so far, by reason."""
+        with self._lock:
+            return dict(self._dropped)
+
+    def queued(self) -> int:
+        """Messages waiting across all peers."""
+        with self._lock:
+            return sum(len(q) for q in self._queues.values())
