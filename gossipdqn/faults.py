@@ -181,7 +181,9 @@ class Outbox:
         with self._lock:
             return dict(self._dropped)
 
-    def queued(self) -> int:
-        """Messages waiting across all peers."""
+    def queued(self, peer: int | None = None) -> int:
+        """Messages waiting for `peer`, or across all peers."""
         with self._lock:
+            if peer is not None:
+                return len(self._queues[peer])
             return sum(len(q) for q in self._queues.values())

@@ -223,6 +223,10 @@ class Transport:
             self._wake()
         return queued
 
+    def queued(self, peer: int) -> int:
+        """Messages waiting to leave for `peer` (the protocol coalesces while this is not 0)."""
+        return self._outbox.queued(peer)
+
     def broadcast(self, frames: Sequence[Any]) -> int:
         """Queue `frames` for every peer; the number of peers it was queued for."""
         return sum(self.send(peer, frames) for peer in self.peer_addresses)
