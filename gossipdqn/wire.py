@@ -83,6 +83,15 @@ def _is_meta_value(value: Any) -> bool:
     return _is_int(value) or isinstance(value, float | str)
 
 
+def _check_meta(meta: Any) -> None:
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and _is_meta_value(v) for k, v in meta.items()
+    ):
+        raise WireError("bad_header", "meta must map str to int, float or str")
+    if not all(math.isfinite(v) for v in meta.values() if isinstance(v, float)):
+        raise WireError("non_finite", "meta")
+
+
 def _wire_array(name: str, arr: np.ndarray) -> tuple[str, np.ndarray]:
     """The dtype name and a little-endian C-contiguous view (a copy only when needed)."""
     dtype_name = arr.dtype.name
@@ -100,8 +109,7 @@ def encode(msg: Message) -> list[Buffer]:
     """The frames of `msg`: a msgpack header, then each tensor's bytes without copying."""
     if not (_is_int(msg.sender) and _is_int(msg.seq) and _is_int(msg.step) and msg.sender >= 0):
         raise WireError("bad_header", "sender, seq and step must be ints, sender >= 0")
-    if not all(isinstance(k, str) and _is_meta_value(v) for k, v in msg.meta.items()):
-        raise WireError("bad_header", "meta must map str to int, float or str")
+    _check_meta(msg.meta)
     specs, buffers = [], []
     for name, arr in msg.tensors.items():
         dtype_name, arr = _wire_array(name, np.asarray(arr))
@@ -165,9 +173,7 @@ def _check_envelope(header: Mapping[str, Any], run_id: str | None) -> Kind:
         raise WireError("bad_header", "kind, sender, seq and step must be ints")
     if not isinstance(header["r"], str) or not isinstance(header["x"], list):
         raise WireError("bad_header", "run id must be a string and tensors a list")
-    meta = header["m"]
-    if not isinstance(meta, dict) or not all(_is_meta_value(v) for v in meta.values()):
-        raise WireError("bad_header", "meta must map str to int, float or str")
+    _check_meta(header["m"])
     try:
         kind = Kind(header["k"])
     except ValueError:

@@ -182,6 +182,17 @@ def test_rejects_bad_header_fields(change: dict, reason: str) -> None:
     assert reason_of(with_header(sample(), header)) == reason
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rejects_non_finite_meta(bad: float) -> None:
+    header = header_of(sample()) | {"m": {"weight": bad}}
+    assert reason_of(with_header(sample(), header)) == "non_finite"
+
+
+def test_rejects_bytes_meta_key() -> None:
+    header = header_of(sample()) | {"m": {b"": 1}}
+    assert reason_of(with_header(sample(), header)) == "bad_header"
+
+
 def test_rejects_missing_header_field() -> None:
     header = header_of(sample())
     del header["q"]
@@ -211,6 +222,8 @@ def test_encode_rejects_what_it_cannot_send() -> None:
         encode(Message(Kind.HELLO, "r", 0, 0, 0, {}, {"nested": [1]}))  # type: ignore[dict-item]
     with pytest.raises(WireError, match="bad_header"):
         encode(Message(Kind.HELLO, "r", 0, 2**70, 0))
+    with pytest.raises(WireError, match="non_finite"):
+        encode(Message(Kind.HELLO, "r", 0, 0, 0, {}, {"weight": float("nan")}))
 
 
 def test_tensors_from_state_is_a_contiguous_snapshot() -> None:
