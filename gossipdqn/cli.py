@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -17,7 +18,8 @@ from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
 from gossipdqn.envs import EnvError, make_vector_env, spec_of
 from gossipdqn.evaluate import evaluate
 from gossipdqn.learner import Learner
-from gossipdqn.node import CHECKPOINT_NAME, Node
+from gossipdqn.local import run_local
+from gossipdqn.node import CHECKPOINT_NAME, Node, gossip_node
 
 
 class UsageError(Exception):
@@ -93,6 +95,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_peers(text: str) -> list[str]:
+    """`host:port,host:port,...` in rank order."""
+    peers = [p.strip() for p in text.split(",") if p.strip()]
+    for peer in peers:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--peers: {peer!r} is not host:port (port 1-65535)")
+    if len(set(peers)) != len(peers):
+        raise UsageError("--peers: an address is listed twice; expected one per node")
+    return peers
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    peers = parse_peers(args.peers)
+    if not 0 <= args.rank < len(peers):
+        raise UsageError(f"--rank {args.rank}: expected 0..{len(peers) - 1} for {len(peers)} peers")
+    cfg = resolve_config(args)
+    if args.resume is None:
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + args.rank)
+    run_dir = resolve_run_dir(args, cfg)
+    node = gossip_node(
+        cfg, run_dir, rank=args.rank, addresses=peers, bind_host=args.bind,
+        run_id=args.run_id, quiet=args.quiet,
+    )  # fmt: skip
+    run_node(node, args)
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise UsageError(f"-n {args.n}: expected at least 1 node")
+    cfg = resolve_config(args)
+    run_dir = args.resume or args.run_dir or resolve_run_dir(args, cfg)
+    passthrough = [a for o in args.overrides for a in ("--set", o)]
+    for flag, value in (
+        ("--config", args.config),
+        ("--seed", args.seed),
+        ("--device", args.device),
+    ):
+        if value is not None and args.resume is None:
+            passthrough += [flag, str(value)]
+    if args.quiet:
+        passthrough.append("--quiet")
+    if not args.quiet:
+        print(f"gossipdqn: {args.n} nodes training {cfg.env.id} into {run_dir}", flush=True)
+    code = run_local(
+        args.n, run_dir, passthrough, stop_on_signals(), resume=args.resume is not None
+    )
+    if not args.quiet:
+        print((run_dir / "summary.json").read_text())
+    return code
+
+
 def _checkpoint_file(path: Path) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
@@ -131,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one node on this machine")
     add_run_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    node = sub.add_parser("node", help="run one gossip node (rank R of a peer list)")
+    node.add_argument("--rank", type=int, required=True, help="this node's position in --peers")
+    node.add_argument("--peers", required=True, help="host:port of every node, in rank order")
+    node.add_argument("--bind", help="host or address to bind (default: this node's peer host)")
+    node.add_argument("--run-id", help="id shared by every node of a run (default: derived)")
+    add_run_arguments(node)
+    node.set_defaults(func=cmd_node)
+
+    local = sub.add_parser("local", help="run N gossip nodes as processes on this machine")
+    local.add_argument("-n", type=int, default=4, help="number of nodes (default 4)")
+    add_run_arguments(local)
+    local.set_defaults(func=cmd_local)
 
     ev = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="checkpoint file or run dir")

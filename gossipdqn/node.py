@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -17,10 +18,13 @@ from gossipdqn.checkpoint import load_checkpoint, save_checkpoint
 from gossipdqn.config import Config, config_to_toml
 from gossipdqn.envs import make_vector_env, spec_of
 from gossipdqn.evaluate import evaluate
+from gossipdqn.gossip import Gossip, ObsBounds
 from gossipdqn.learner import Learner
 from gossipdqn.metrics import MetricsLog, PhaseTimer, format_progress, print_progress
+from gossipdqn.networks import fingerprint
 from gossipdqn.replay import ReplayBuffer
-from gossipdqn.types import EvalResult
+from gossipdqn.transport import Transport
+from gossipdqn.types import EvalResult, Transitions
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -28,9 +32,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 class Exchange(Protocol):
     """How a node trades knowledge with others (gossip, a parameter server, all-reduce)."""
 
-    def after_env_step(self, env_steps: int, replay: ReplayBuffer) -> None: ...
+    def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
+        """Called once, when the node has built the parts the exchange works on."""
 
-    def after_update(self, updates: int, learner: Learner) -> None: ...
+    def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
+        """Called after every actor step with the transitions it produced."""
+
+    def after_update(self, updates: int) -> None:
+        """Called after every learner update."""
 
     def metrics(self) -> dict[str, Any]: ...
 
@@ -73,7 +82,6 @@ class Node:
         *,
         quiet: bool = False,
         label: str = "",
-        exchange: Exchange | None = None,
         actor_offset: int = 0,
         total_actors: int | None = None,
     ) -> None:
@@ -92,7 +100,7 @@ class Node:
             priority_eps=cfg.replay.priority_eps, seed=cfg.seed + 1,
         )  # fmt: skip
         self.learner = Learner(self.spec, cfg.network, cfg.learner, seed=cfg.seed)
-        self.exchange = exchange
+        self.exchange: Exchange | None = None
         self.progress = Progress()
         self.window = Window()
         self.timer = PhaseTimer()
@@ -102,6 +110,11 @@ class Node:
         self.last_line = time.monotonic()
         self.recent: dict[str, Any] = {}
         self.last_line_steps = 0
+
+    def connect(self, exchange: Exchange) -> None:
+        """Trade knowledge with others through `exchange` from now on."""
+        self.exchange = exchange
+        exchange.attach(self.learner, self.replay)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -130,7 +143,7 @@ class Node:
         self.window.returns.extend(out.episode_returns.tolist())
         if self.exchange is not None:
             with self.timer.phase("gossip"):
-                self.exchange.after_env_step(self.progress.env_steps, self.replay)
+                self.exchange.after_env_step(self.progress.env_steps, out.transitions)
         for _ in range(self.updates_due()):
             self._update()
 
@@ -146,7 +159,7 @@ class Node:
         self.window.mean_qs.append(result.mean_q)
         if self.exchange is not None:
             with self.timer.phase("gossip"):
-                self.exchange.after_update(self.progress.updates, self.learner)
+                self.exchange.after_update(self.progress.updates)
 
     def evaluate(self, episodes: int) -> EvalResult:
         """Greedy evaluation on separate environments, seeded apart from training."""
@@ -225,6 +238,8 @@ class Node:
         if not self.quiet:
             record = self.recent | {"step": steps, "env_steps_per_s": speed}
             record["eval_return_mean"] = self.progress.last_eval
+            if self.exchange is not None:
+                record["peers_alive"] = self.exchange.metrics().get("peers_alive")
             print_progress(format_progress(self.label, record))
 
     def finish(self, *, interrupted: bool) -> dict[str, Any]:
@@ -291,3 +306,48 @@ def _next_multiple(value: int, every: int) -> int:
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
+
+
+def default_run_id(name: str, addresses: list[str]) -> str:
+    """The run id every node of one run derives alike: its name and peer list, hashed."""
+    return hashlib.sha256("|".join([name, *addresses]).encode()).hexdigest()[:12]
+
+
+def gossip_node(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    rank: int,
+    addresses: list[str],
+    bind_host: str | None = None,
+    run_id: str | None = None,
+    quiet: bool = False,
+) -> Node:
+    """A node that gossips with the peers at `addresses` (host:port, in rank order)."""
+    world = len(addresses)
+    num_envs = cfg.env.num_envs
+    node = Node(
+        cfg, run_dir, quiet=quiet, label=f"[node {rank}]",
+        actor_offset=rank * num_envs, total_actors=world * num_envs,
+    )  # fmt: skip
+    endpoints = [f"tcp://{a}" for a in addresses]
+    host, port = addresses[rank].rsplit(":", 1)
+    peers = {r: e for r, e in enumerate(endpoints) if r != rank}
+    transport = Transport(
+        rank, f"tcp://{bind_host or host}:{port}", peers, cfg.gossip, cfg.security, cfg.faults,
+        seed=cfg.seed,
+    )  # fmt: skip
+    try:
+        transport.start()
+    except BaseException:
+        node.close()
+        raise
+    space = node.actors.env.single_observation_space
+    gossip = Gossip(
+        rank, endpoints, transport, cfg.gossip,
+        run_id=run_id or default_run_id(cfg.name, addresses), spec=node.spec,
+        fingerprint=fingerprint(node.learner.online),
+        bounds=ObsBounds(np.asarray(space.low), np.asarray(space.high)), seed=cfg.seed,
+    )  # fmt: skip
+    node.connect(gossip)
+    return node

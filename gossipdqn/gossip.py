@@ -1,0 +1,398 @@
+"""The gossip protocol: hellos, parameter mixing and experience sharing between peers.
+
+A synchronous front for the node loop: every call returns at once. Sockets live on the
+transport's I/O thread; here we only decide what to send and what to do with what arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossipdqn.config import GossipConfig
+from gossipdqn.learner import Learner
+from gossipdqn.mixing import (
+    AdaptiveClipThreshold,
+    consensus_distance,
+    flatten,
+    pairwise_average,
+    push_sum_receive_many,
+    push_sum_share,
+    robust_filter,
+    unflatten_into,
+)
+from gossipdqn.replay import ReplayBuffer
+from gossipdqn.topology import out_peers
+from gossipdqn.transport import Inbound, Transport
+from gossipdqn.types import EnvSpec, Transitions
+from gossipdqn.wire import Kind, Message, WireError, decode, encode, limits_for
+
+log = logging.getLogger(__name__)
+
+MAX_SHARED_TRANSITIONS = 65_536
+"""Largest experience batch accepted from a peer."""
+MAX_ABS_REWARD = 1e6
+"""Rewards beyond this magnitude in a peer's experience are rejected as hostile."""
+MIN_WEIGHT_SHARE = 0.25
+"""A node keeps at least this fraction of the mean push-sum weight (1): a node faster than its
+peers waits for their mass instead of giving its own away until its learning counts for nothing."""
+
+
+class Rejected(Exception):
+    """A message that passed the codec but not the protocol; `reason` is counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Peer:
+    """What this node knows of one peer."""
+
+    address: str
+    last_heard: float | None = None
+    incarnation: int = 0
+    last_seq: int = -1
+    last_round: int = -1
+    params: torch.Tensor | None = None
+    last_logged: float = -1e9
+
+
+@dataclass
+class ObsBounds:
+    """The observation space's finite bounds, to reject impossible shared observations."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def contains(self, obs: np.ndarray) -> bool:
+        return bool(np.all(obs >= self.low) and np.all(obs <= self.high))
+
+
+@dataclass
+class Counts:
+    sent: Counter[str] = field(default_factory=Counter)
+    received: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class Gossip:
+    """Mixes the learner's online net with peers' and trades experience; implements Exchange."""
+
+    def __init__(
+        self,
+        rank: int,
+        addresses: list[str],
+        transport: Transport,
+        cfg: GossipConfig,
+        *,
+        run_id: str,
+        spec: EnvSpec,
+        fingerprint: str,
+        bounds: ObsBounds,
+        seed: int = 0,
+    ) -> None:
+        self.rank, self.world, self.cfg = rank, len(addresses), cfg
+        self.transport, self.run_id, self.spec = transport, run_id, spec
+        self.fingerprint, self.bounds = fingerprint, bounds
+        self.peers = {r: Peer(a) for r, a in enumerate(addresses) if r != rank}
+        self.incarnation = time.time_ns()
+        self.limits = limits_for(cfg)
+        self.rng = np.random.default_rng(seed)
+        self.clip = AdaptiveClipThreshold()
+        self.counts = Counts()
+        self.seq = 0
+        self.round = 0
+        self.weight = 1.0
+        self.weight_waits = 0
+        self.started = time.monotonic()
+        self.last_hello = -1e9
+        self.next_share = cfg.share_every
+        self.pending: list[Transitions] = []
+        self.learner: Learner | None = None
+        self.replay: ReplayBuffer | None = None
+
+    def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
+        self.learner, self.replay = learner, replay
+        self.n_params = sum(p.numel() for p in learner.online.parameters())
+        self._hello(force=True)
+
+    # -- the node's hooks -------------------------------------------------------------------
+
+    def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
+        """Take in what arrived; say hello on schedule; share experience every share_every."""
+        self._hello()
+        self.poll()
+        if self.cfg.experience:
+            self.pending.append(transitions)
+            if env_steps >= self.next_share:
+                self.next_share = env_steps + self.cfg.share_every
+                self._share_experience()
+
+    def after_update(self, updates: int) -> None:
+        """Every `interval` updates, one round of parameter gossip."""
+        if self.cfg.params and updates % self.cfg.interval == 0:
+            self.round += 1
+            self.poll()
+            self._send_params()
+
+    def poll(self) -> int:
+        """Handle every message waiting in the transport; how many were accepted."""
+        accepted = 0
+        params: list[tuple[Peer, Message]] = []
+        for inbound in self.transport.receive(256):
+            try:
+                peer, msg = self._validate(inbound)
+            except (WireError, Rejected) as e:
+                self._drop(inbound, e.reason)
+                continue
+            accepted += 1
+            self.counts.received[msg.kind.name.lower()] += 1
+            peer.last_heard = time.monotonic()
+            if msg.kind == Kind.PARAMS:
+                params.append((peer, msg))
+            elif msg.kind == Kind.EXPERIENCE:
+                self._receive_experience(msg)
+        if params:
+            self._mix(params)
+        return accepted
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _validate(self, inbound: Inbound) -> tuple[Peer, Message]:
+        msg = decode(inbound.frames, self.limits, run_id=self.run_id, expected=None)
+        claimed = self.transport.rank_of(inbound)
+        if msg.sender != claimed or msg.sender not in self.peers:
+            raise Rejected("sender_mismatch")
+        peer = self.peers[msg.sender]
+        incarnation = msg.meta.get("inc")
+        if not isinstance(incarnation, int) or incarnation < peer.incarnation:
+            raise Rejected("replayed")
+        if incarnation == peer.incarnation and msg.seq <= peer.last_seq:
+            raise Rejected("replayed")
+        if msg.kind == Kind.HELLO and msg.meta.get("fp") != self.fingerprint:
+            raise Rejected("fingerprint")
+        if msg.kind == Kind.PARAMS:
+            self._check_params(msg)
+            if msg.meta["round"] < peer.last_round - self.cfg.max_staleness:
+                raise Rejected("stale")
+            peer.last_round = max(peer.last_round, int(msg.meta["round"]))
+        elif msg.kind == Kind.EXPERIENCE:
+            self._check_experience(msg)
+        elif msg.kind != Kind.HELLO:
+            raise Rejected("unexpected_kind")
+        peer.incarnation, peer.last_seq = incarnation, msg.seq
+        return peer, msg
+
+    def _check_params(self, msg: Message) -> None:
+        flat = msg.tensors.get("params")
+        if len(msg.tensors) != 1 or flat is None or flat.shape != (self.n_params,):
+            raise Rejected("bad_params")
+        if flat.dtype != np.float32:
+            raise Rejected("bad_params")
+        weight = msg.meta.get("w", 1.0)
+        if not isinstance(weight, float) or not (0.0 < weight < 1e6):
+            raise Rejected("bad_params")
+        round_ = msg.meta.get("round")
+        if not isinstance(round_, int):
+            raise Rejected("bad_params")
+
+    def _check_experience(self, msg: Message) -> None:
+        t = msg.tensors
+        if set(t) != {"obs", "actions", "rewards", "next_obs", "discounts"}:
+            raise Rejected("bad_experience")
+        n = len(t["actions"]) if t["actions"].ndim == 1 else -1
+        obs_shape = (n, *self.spec.obs_shape)
+        if not 0 < n <= MAX_SHARED_TRANSITIONS or t["actions"].dtype != np.int64:
+            raise Rejected("bad_experience")
+        for name in ("obs", "next_obs"):
+            if t[name].shape != obs_shape or t[name].dtype != self.spec.obs_dtype:
+                raise Rejected("bad_experience")
+            if not self.bounds.contains(t[name]):
+                raise Rejected("out_of_bounds")
+        for name in ("rewards", "discounts"):
+            if t[name].shape != (n,) or t[name].dtype != np.float32:
+                raise Rejected("bad_experience")
+        if t["actions"].min() < 0 or t["actions"].max() >= self.spec.n_actions:
+            raise Rejected("out_of_bounds")
+        if np.abs(t["rewards"]).max() > MAX_ABS_REWARD:
+            raise Rejected("out_of_bounds")
+        if t["discounts"].min() < 0.0 or t["discounts"].max() > 1.0:
+            raise Rejected("out_of_bounds")
+
+    def _drop(self, inbound: Inbound, reason: str) -> None:
+        self.counts.dropped[reason] += 1
+        rank = self.transport.rank_of(inbound)
+        peer = self.peers.get(rank) if rank is not None else None
+        now = time.monotonic()
+        if peer is None or now - peer.last_logged >= 60.0:
+            if peer is not None:
+                peer.last_logged = now
+            log.warning("node %d dropped a message from %r: %s", self.rank, rank, reason)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _message(self, kind: Kind, tensors: dict[str, np.ndarray], **meta: Any) -> list:
+        self.seq += 1
+        step = self.learner.updates if self.learner else 0
+        meta |= {"inc": self.incarnation}
+        return encode(Message(kind, self.run_id, self.rank, self.seq, step, tensors, meta))
+
+    def _send(self, peer: int, kind: Kind, frames: list) -> None:
+        if self.transport.send(peer, frames):
+            self.counts.sent[kind.name.lower()] += 1
+
+    def _hello(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_hello < self.cfg.heartbeat_s:
+            return
+        self.last_hello = now
+        addr = self.peers_address_of_self()
+        for rank in self.peers:
+            self._send(
+                rank, Kind.HELLO, self._message(Kind.HELLO, {}, addr=addr, fp=self.fingerprint)
+            )
+
+    def peers_address_of_self(self) -> str:
+        return self.transport.bound_address or self.transport.bind_address
+
+    def alive(self) -> list[int]:
+        """Peers heard from within peer_timeout_s."""
+        now = time.monotonic()
+        return [
+            r for r, p in self.peers.items()
+            if p.last_heard is not None and now - p.last_heard <= self.cfg.peer_timeout_s
+        ]  # fmt: skip
+
+    def _round_targets(self) -> list[int]:
+        """This round's out-peers; a dead one is replaced by the next alive rank after it."""
+        alive = set(self.alive())
+        if not alive:
+            return []
+        wanted = out_peers(
+            self.cfg.topology, self.rank, self.world, self.round, k=self.cfg.degree, seed=0
+        ) if self.world > 1 else []  # fmt: skip
+        targets: list[int] = []
+        for rank in wanted:
+            while rank not in alive:
+                rank = (rank + 1) % self.world
+            if rank not in targets:
+                targets.append(rank)
+        return targets
+
+    def _send_params(self) -> None:
+        """One round: a push-sum share (or plain θ) to each out-peer whose queue is idle.
+
+        A peer still busy with earlier messages is skipped this round rather than queued for,
+        so push-sum mass leaves only in messages that go out, never in ones dropped as stale.
+        """
+        targets = [r for r in self._round_targets() if self.transport.queued(r) == 0]
+        if not targets or self.learner is None:
+            return
+        theta = flatten(list(self.learner.online.parameters())).cpu()
+        if self.cfg.mixing == "push_sum":
+            share = push_sum_share(theta, self.weight, len(targets))
+            if share.weight < MIN_WEIGHT_SHARE / self.world:
+                self.weight_waits += 1
+                return
+            self.weight = float(share.weight)
+            payload, meta = share.payload.numpy(), {"w": float(share.weight)}
+        else:
+            payload, meta = theta.numpy(), {}
+        frames = self._message(Kind.PARAMS, {"params": payload}, round=self.round, **meta)
+        for rank in targets:
+            self._send(rank, Kind.PARAMS, frames)
+
+    def _share_experience(self) -> None:
+        assert self.replay is not None
+        if self.replay.prioritized:
+            batch = self.replay.highest_priority(self.cfg.share_batch)
+        else:
+            batch = Transitions(
+                *(np.concatenate(a)[-self.cfg.share_batch :] for a in zip(*self.pending))
+            )
+        self.pending = []
+        alive = self.alive()
+        if len(batch) == 0 or not alive:
+            return
+        chosen = self.rng.choice(alive, size=min(self.cfg.share_fanout, len(alive)), replace=False)
+        frames = self._message(Kind.EXPERIENCE, batch._asdict())
+        for rank in chosen:
+            self._send(int(rank), Kind.EXPERIENCE, frames)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _receive_experience(self, msg: Message) -> None:
+        assert self.replay is not None
+        self.replay.add(Transitions(**msg.tensors))
+
+    def _mix(self, arrivals: list[tuple[Peer, Message]]) -> None:
+        """Mix received parameters into the online net (push-sum or pairwise averaging)."""
+        assert self.learner is not None
+        params = list(self.learner.online.parameters())
+        theta = flatten(params).cpu()
+        received = []
+        for peer, msg in arrivals:
+            weight = float(msg.meta.get("w", 1.0))
+            peer_theta = torch.from_numpy(msg.tensors["params"].copy())
+            if self.cfg.mixing == "push_sum":
+                peer_theta /= weight
+            peer.params = peer_theta
+            kept = robust_filter(theta, peer_theta, self.cfg.robust, self.clip)
+            if kept is None:
+                self.counts.dropped["robust_reject"] += 1
+                continue
+            received.append((kept, weight))
+        if self.cfg.mixing == "push_sum":
+            self.weight = float(
+                push_sum_receive_many(theta, self.weight, [(p * w, w) for p, w in received])
+            )
+        else:
+            for peer_theta, _ in received:
+                pairwise_average(theta, peer_theta, 0.5)
+        unflatten_into(theta.to(params[0].device), params)
+        self.learner.sync_actor_net()
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """Cumulative gossip counters, rates, drops by reason, peers alive, consensus distance."""
+        stats = self.transport.stats()
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        out: dict[str, Any] = {
+            "gossip_sent_bytes": stats.bytes_sent,
+            "gossip_recv_bytes": stats.bytes_received,
+            "gossip_sent_bytes_per_s": stats.bytes_sent / elapsed,
+            "gossip_recv_bytes_per_s": stats.bytes_received / elapsed,
+            "gossip_sent_msgs": stats.messages_sent,
+            "gossip_recv_msgs": stats.messages_received,
+            "gossip_round": self.round,
+            "peers_alive": len(self.alive()),
+            "push_sum_weight": self.weight,
+            "push_sum_weight_waits": self.weight_waits,
+        }
+        for kind in ("hello", "params", "experience"):
+            out[f"gossip_sent_{kind}"] = self.counts.sent[kind]
+            out[f"gossip_recv_{kind}"] = self.counts.received[kind]
+        for reason, n in (Counter(stats.dropped) + self.counts.dropped).items():
+            out[f"dropped_{reason}"] = n
+        out |= self._consensus()
+        return out
+
+    def _consensus(self) -> dict[str, float]:
+        latest = [p.params for p in self.peers.values() if p.params is not None]
+        if self.learner is None or not latest:
+            return {}
+        theta = flatten(list(self.learner.online.parameters())).cpu()
+        distance, ratio = consensus_distance(theta, latest)
+        return {"consensus_distance": distance, "consensus_ratio": ratio}
+
+    def close(self) -> None:
+        self.transport.close()
