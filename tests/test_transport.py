@@ -118,6 +118,27 @@ def test_two_transports_exchange_both_ways(make: Callable[..., Transport]) -> No
     assert b.stats().messages_received == 1 and b.stats().bytes_received == a.stats().bytes_sent
 
 
+def test_inproc_on_a_shared_context(raw_context: zmq.Context) -> None:
+    def node(rank: int) -> Transport:
+        peer = 1 - rank
+        return Transport(
+            rank,
+            f"inproc://n{rank}",
+            {peer: f"inproc://n{peer}"},
+            GOSSIP,
+            NO_SECURITY,
+            NO_FAULTS,
+            context=raw_context,
+        )
+
+    with node(0) as a:
+        a.send(1, frames_of(1))  # queued before the peer exists
+        with node(1) as b:
+            assert [seq_of(m) for m in collect(b, 1)] == [1]
+            b.send(0, frames_of(2))
+            assert [seq_of(m) for m in collect(a, 1)] == [2]
+
+
 def test_broadcast_reaches_every_peer(make: Callable[..., Transport]) -> None:
     p0, p1, p2 = free_port(), free_port(), free_port()
     hub = make(0, p0, {1: p1, 2: p2}, identity_prefix="run-x/")
