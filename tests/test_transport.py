@@ -289,6 +289,21 @@ def test_outbox_holds_delayed_messages_until_due() -> None:
     assert box.take(1, now=0.2) == (None, float("inf"))
 
 
+def test_outbox_budget_waits_then_drops_oldest_as_budget() -> None:
+    injector = FaultInjector(FaultsConfig(), rank=0)
+    box = Outbox([1], limit=1, max_bytes_per_s=100.0, injector=injector, now=0.0)
+    box.put(1, [b"a"], 150, now=0.0, elapsed_s=0.0)
+    item, _ = box.take(1, now=0.0)
+    assert item is not None
+    box.sent(1, item)  # 100 tokens - 150 bytes: 0.5 s of debt
+    box.put(1, [b"b"], 10, now=0.1, elapsed_s=0.1)
+    assert box.take(1, now=0.1) == (None, pytest.approx(0.4))
+    box.put(1, [b"c"], 10, now=0.2, elapsed_s=0.2)
+    assert box.dropped() == {"budget": 1} and box.queued(1) == 1
+    item, wait_s = box.take(1, now=0.51)
+    assert item is not None and item.frames == [b"c"] and wait_s == 0.0
+
+
 # --- CURVE -------------------------------------------------------------------------------
 
 
