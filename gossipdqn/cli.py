@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,13 @@ from gossipdqn.checkpoint import load_checkpoint
 from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
 from gossipdqn.envs import EnvError, make_vector_env, spec_of
 from gossipdqn.evaluate import evaluate
+from gossipdqn.hosts import HostsError
+from gossipdqn.launch import (
+    add_launch_arguments,
+    resolve_env_peers,
+    resolve_slurm_peers,
+    run_launch,
+)
 from gossipdqn.learner import Learner
 from gossipdqn.local import run_local
 from gossipdqn.node import CHECKPOINT_NAME, Node, gossip_node
@@ -107,8 +115,22 @@ def parse_peers(text: str) -> list[str]:
     return peers
 
 
+def node_peers(args: argparse.Namespace) -> list[str]:
+    """The node's rank (set on `args`) and peer list: from --slurm, RANK + --hosts, or flags."""
+    if args.slurm:
+        args.rank, peers = resolve_slurm_peers(os.environ)
+        args.bind = args.bind or "0.0.0.0"  # a Slurm host name may resolve to 127.0.1.1 locally
+        return peers
+    if args.hosts:
+        args.rank, peers = resolve_env_peers(os.environ, args.hosts)
+        return peers
+    if args.rank is None or args.peers is None:
+        raise UsageError("expected --rank with --peers, or --slurm, or --hosts with RANK set")
+    return parse_peers(args.peers)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
-    peers = parse_peers(args.peers)
+    peers = node_peers(args)
     if not 0 <= args.rank < len(peers):
         raise UsageError(f"--rank {args.rank}: expected 0..{len(peers) - 1} for {len(peers)} peers")
     cfg = resolve_config(args)
@@ -188,9 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     node = sub.add_parser("node", help="run one gossip node (rank R of a peer list)")
-    node.add_argument("--rank", type=int, required=True, help="this node's position in --peers")
-    node.add_argument("--peers", required=True, help="host:port of every node, in rank order")
-    node.add_argument("--bind", help="host or address to bind (default: this node's peer host)")
+    node.add_argument("--rank", type=int, help="this node's position in --peers")
+    node.add_argument("--peers", help="host:port of every node, in rank order")
+    node.add_argument("--bind", help="address or interface to bind (default: the peer host)")
+    node.add_argument("--slurm", action="store_true", help="rank and peers from Slurm (srun)")
+    node.add_argument("--hosts", help="torchrun style: peers from this hosts file, rank from RANK")
     node.add_argument("--run-id", help="id shared by every node of a run (default: derived)")
     add_run_arguments(node)
     node.set_defaults(func=cmd_node)
@@ -199,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("-n", type=int, default=4, help="number of nodes (default 4)")
     add_run_arguments(local)
     local.set_defaults(func=cmd_local)
+
+    launch = sub.add_parser("launch", help="start nodes on many hosts over ssh")
+    add_launch_arguments(launch)
+    launch.set_defaults(func=run_launch)
 
     ev = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="checkpoint file or run dir")
@@ -217,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, ConfigError, EnvError) as e:
+    except (UsageError, ConfigError, EnvError, HostsError) as e:
         print(f"gossipdqn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -43,8 +43,8 @@ class EnvConfig:
 @dataclass(frozen=True)
 class ActorConfig:
     eps_start: float = setting(1.0, "initial exploration rate", low=0.0, high=1.0)
-    eps_end: float = setting(0.05, "final exploration rate", low=0.0, high=1.0)
-    eps_decay_steps: int = setting(10_000, "env steps over which epsilon decays linearly", low=1)
+    eps_end: float = setting(0.04, "final exploration rate", low=0.0, high=1.0)
+    eps_decay_steps: int = setting(8_000, "env steps over which epsilon decays linearly", low=1)
     ape_x: bool = setting(False, "per-actor fixed epsilons eps_i = eps^(1 + alpha*i/(N-1))")
     ape_x_eps: float = setting(0.4, "base epsilon of the Ape-X ladder", low=0.0, high=1.0)
     ape_x_alpha: float = setting(7.0, "exponent spread of the Ape-X ladder", low=0.0)
@@ -59,7 +59,7 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class ReplayConfig:
     capacity: int = setting(100_000, "transitions kept in the ring buffer", low=1)
-    n_step: int = setting(1, "steps summed into each stored return", low=1, high=100)
+    n_step: int = setting(3, "steps summed into each stored return", low=1, high=100)
     prioritized: bool = setting(False, "proportional prioritized replay (sum tree)")
     alpha: float = setting(0.6, "priority exponent of prioritized replay", low=0.0, high=1.0)
     beta_start: float = setting(0.4, "initial importance-weight exponent", low=0.0, high=1.0)
@@ -71,7 +71,7 @@ class ReplayConfig:
 class LearnerConfig:
     device: str = setting("auto", "'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:N'")
     threads: int = setting(1, "torch CPU threads of the node; 0 keeps torch's default", low=0)
-    lr: float = setting(1e-3, "Adam learning rate", low=0.0)
+    lr: float = setting(2e-3, "Adam learning rate", low=0.0)
     adam_eps: float = setting(1e-8, "Adam epsilon", low=0.0)
     gamma: float = setting(0.99, "discount factor", low=0.0, high=1.0)
     batch_size: int = setting(128, "minibatch size", low=1)
@@ -87,7 +87,7 @@ class LearnerConfig:
         "target network update: hard copy every C updates or Polyak",
         choices=("hard", "polyak"),
     )
-    target_every: int = setting(500, "updates between hard target copies", low=1)
+    target_every: int = setting(50, "updates between hard target copies", low=1)
     tau: float = setting(0.005, "Polyak coefficient of the target update", low=0.0, high=1.0)
 
 

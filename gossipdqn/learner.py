@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +46,8 @@ class Learner:
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.updates = 0
+        self.gradient_handler: Callable[[Learner], None] | None = None
+        """Replaces `apply_gradients` (all-reduce averages first, a PS worker sends them away)."""
         self.pin = self.device.type == "cuda"
         self.actor_net = (
             self.online if self.device.type == "cpu" else copy.deepcopy(self.online).cpu()
@@ -71,13 +74,20 @@ class Learner:
         loss, errors = td_loss(q_taken, targets, weights, self.cfg.loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.gradient_handler is None:
+            self.apply_gradients()
+        else:
+            self.gradient_handler(self)
         self.updates += 1
         self._update_target()
         stats = torch.stack([loss.detach(), q_taken.detach().mean()]).cpu().numpy()
         return UpdateResult(float(stats[0]), float(stats[1]), errors.detach().abs().cpu().numpy())
+
+    def apply_gradients(self) -> None:
+        """Clip the online net's gradients and take one optimizer step."""
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
 
     def _update_target(self) -> None:
         if self.cfg.target_update == "polyak":
