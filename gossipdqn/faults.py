@@ -1,4 +1,4 @@
-"""The send path without sockets: bounded per-peer queues, a byte budget, injected faults."""
+"""The transport's queues without sockets: per-peer queues out and in, a byte budget, faults."""
 
 from __future__ import annotations
 
@@ -187,3 +187,44 @@ class Outbox:
             if peer is not None:
                 return len(self._queues[peer])
             return sum(len(q) for q in self._queues.values())
+
+
+class Inbox:
+    """Per-sender FIFOs read round-robin; when full, the longest queue loses its oldest.
+
+    A sender that floods only ever evicts its own messages, so honest peers keep arriving.
+    Not locked: the transport holds its lock around every call.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._queues: dict[bytes, deque[Any]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, sender: bytes, item: Any) -> bool:
+        """Queue `item`; False when that evicted an older message (of the longest queue)."""
+        self._queues.setdefault(sender, deque()).append(item)
+        self._count += 1
+        if self._count <= self.limit:
+            return True
+        longest = max(self._queues, key=lambda s: len(self._queues[s]))
+        self._queues[longest].popleft()
+        if not self._queues[longest]:
+            del self._queues[longest]
+        self._count -= 1
+        return False
+
+    def take(self, max_items: int) -> list[Any]:
+        """Up to `max_items`, one sender at a time in turn, each sender's oldest first."""
+        out: list[Any] = []
+        while self._count and len(out) < max_items:
+            sender = next(iter(self._queues))
+            queue = self._queues.pop(sender)
+            out.append(queue.popleft())
+            self._count -= 1
+            if queue:
+                self._queues[sender] = queue
+        return out

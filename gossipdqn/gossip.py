@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,25 +31,24 @@ from gossipdqn.replay import ReplayBuffer
 from gossipdqn.topology import out_peers
 from gossipdqn.transport import Inbound, Transport
 from gossipdqn.types import EnvSpec, Transitions
+from gossipdqn.validate import (
+    MAX_SHARED_TRANSITIONS,
+    ObsBounds,
+    Rejected,
+    check_experience,
+    check_hello,
+    check_params,
+    experience_bytes,
+)
 from gossipdqn.wire import Kind, Message, WireError, decode, encode, limits_for
 
 log = logging.getLogger(__name__)
 
-MAX_SHARED_TRANSITIONS = 65_536
-"""Largest experience batch accepted from a peer."""
-MAX_ABS_REWARD = 1e6
-"""Rewards beyond this magnitude in a peer's experience are rejected as hostile."""
 MIN_WEIGHT_SHARE = 0.25
 """A node keeps at least this fraction of the mean push-sum weight (1): a node faster than its
 peers waits for their mass instead of giving its own away until its learning counts for nothing."""
-
-
-class Rejected(Exception):
-    """A message that passed the codec but not the protocol; `reason` is counted."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+LOG_EVERY_S = 60.0
+"""Dropped messages are logged at most this often per peer (and once for all strangers)."""
 
 
 @dataclass
@@ -63,17 +62,7 @@ class Peer:
     last_round: int = -1
     params: torch.Tensor | None = None
     last_logged: float = -1e9
-
-
-@dataclass
-class ObsBounds:
-    """The observation space's finite bounds, to reject impossible shared observations."""
-
-    low: np.ndarray
-    high: np.ndarray
-
-    def contains(self, obs: np.ndarray) -> bool:
-        return bool(np.all(obs >= self.low) and np.all(obs <= self.high))
+    accepted: int = 0
 
 
 @dataclass
@@ -106,7 +95,9 @@ class Gossip:
         self.incarnation = time.time_ns()
         self.limits = limits_for(cfg)
         self.rng = np.random.default_rng(seed)
-        self.clip = AdaptiveClipThreshold()
+        n_peers = max(1, self.world - 1)  # tau: 3x the lower median of each peer's distance
+        self.clip = AdaptiveClipThreshold(window=n_peers, initial=0.0, min_count=min(2, n_peers))
+        self.stranger_logged = -1e9
         self.counts = Counts()
         self.seq = 0
         self.round = 0
@@ -122,6 +113,10 @@ class Gossip:
     def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
         self.learner, self.replay = learner, replay
         self.n_params = sum(p.numel() for p in learner.online.parameters())
+        largest = max(4 * self.n_params, experience_bytes(self.spec, self._max_transitions()))
+        self.limits = replace(
+            self.limits, max_total_bytes=min(self.limits.max_total_bytes, largest + 1024)
+        )
         self._hello(force=True)
 
     # -- the node's hooks -------------------------------------------------------------------
@@ -154,6 +149,7 @@ class Gossip:
                 self._drop(inbound, e.reason)
                 continue
             accepted += 1
+            peer.accepted += 1
             self.counts.received[msg.kind.name.lower()] += 1
             peer.last_heard = time.monotonic()
             if msg.kind == Kind.PARAMS:
@@ -167,6 +163,7 @@ class Gossip:
     # -- validation ---------------------------------------------------------------------------
 
     def _validate(self, inbound: Inbound) -> tuple[Peer, Message]:
+        """Decode and check everything before use; the peer's replay counters move only here."""
         msg = decode(inbound.frames, self.limits, run_id=self.run_id, expected=None)
         claimed = self.transport.rank_of(inbound)
         if msg.sender != claimed or msg.sender not in self.peers:
@@ -177,65 +174,43 @@ class Gossip:
             raise Rejected("replayed")
         if incarnation == peer.incarnation and msg.seq <= peer.last_seq:
             raise Rejected("replayed")
-        if msg.kind == Kind.HELLO and msg.meta.get("fp") != self.fingerprint:
-            raise Rejected("fingerprint")
-        if msg.kind == Kind.PARAMS:
-            self._check_params(msg)
+        if msg.kind == Kind.HELLO:
+            check_hello(msg, self.fingerprint)
+        elif msg.kind == Kind.PARAMS:
+            check_params(msg, self.n_params, self._weight_range())
             if msg.meta["round"] < peer.last_round - self.cfg.max_staleness:
                 raise Rejected("stale")
             peer.last_round = max(peer.last_round, int(msg.meta["round"]))
         elif msg.kind == Kind.EXPERIENCE:
-            self._check_experience(msg)
-        elif msg.kind != Kind.HELLO:
+            check_experience(msg, self.spec, self.bounds, self._max_transitions())
+        else:
             raise Rejected("unexpected_kind")
         peer.incarnation, peer.last_seq = incarnation, msg.seq
         return peer, msg
 
-    def _check_params(self, msg: Message) -> None:
-        flat = msg.tensors.get("params")
-        if len(msg.tensors) != 1 or flat is None or flat.shape != (self.n_params,):
-            raise Rejected("bad_params")
-        if flat.dtype != np.float32:
-            raise Rejected("bad_params")
-        weight = msg.meta.get("w", 1.0)
-        if not isinstance(weight, float) or not (0.0 < weight < 1e6):
-            raise Rejected("bad_params")
-        round_ = msg.meta.get("round")
-        if not isinstance(round_, int):
-            raise Rejected("bad_params")
+    def _weight_range(self) -> tuple[float, float] | None:
+        """Push-sum weights an honest peer sends: at least its floor share, at most the total."""
+        if self.cfg.mixing != "push_sum":
+            return None
+        return MIN_WEIGHT_SHARE / self.world * (1 - 1e-6), self.world * (1 + 1e-6)
 
-    def _check_experience(self, msg: Message) -> None:
-        t = msg.tensors
-        if set(t) != {"obs", "actions", "rewards", "next_obs", "discounts"}:
-            raise Rejected("bad_experience")
-        n = len(t["actions"]) if t["actions"].ndim == 1 else -1
-        obs_shape = (n, *self.spec.obs_shape)
-        if not 0 < n <= MAX_SHARED_TRANSITIONS or t["actions"].dtype != np.int64:
-            raise Rejected("bad_experience")
-        for name in ("obs", "next_obs"):
-            if t[name].shape != obs_shape or t[name].dtype != self.spec.obs_dtype:
-                raise Rejected("bad_experience")
-            if not self.bounds.contains(t[name]):
-                raise Rejected("out_of_bounds")
-        for name in ("rewards", "discounts"):
-            if t[name].shape != (n,) or t[name].dtype != np.float32:
-                raise Rejected("bad_experience")
-        if t["actions"].min() < 0 or t["actions"].max() >= self.spec.n_actions:
-            raise Rejected("out_of_bounds")
-        if np.abs(t["rewards"]).max() > MAX_ABS_REWARD:
-            raise Rejected("out_of_bounds")
-        if t["discounts"].min() < 0.0 or t["discounts"].max() > 1.0:
-            raise Rejected("out_of_bounds")
+    def _max_transitions(self) -> int:
+        capacity = self.replay.capacity if self.replay is not None else MAX_SHARED_TRANSITIONS
+        return min(MAX_SHARED_TRANSITIONS, capacity)
 
     def _drop(self, inbound: Inbound, reason: str) -> None:
+        """Count a drop by reason; log it at most once a minute per peer (strangers share one)."""
         self.counts.dropped[reason] += 1
         rank = self.transport.rank_of(inbound)
         peer = self.peers.get(rank) if rank is not None else None
         now = time.monotonic()
-        if peer is None or now - peer.last_logged >= 60.0:
-            if peer is not None:
-                peer.last_logged = now
-            log.warning("node %d dropped a message from %r: %s", self.rank, rank, reason)
+        if now - (peer.last_logged if peer is not None else self.stranger_logged) < LOG_EVERY_S:
+            return
+        if peer is not None:
+            peer.last_logged = now
+        else:
+            self.stranger_logged = now
+        log.warning("node %d dropped a message from %r: %s", self.rank, rank, reason)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -345,7 +320,7 @@ class Gossip:
             if self.cfg.mixing == "push_sum":
                 peer_theta /= weight
             peer.params = peer_theta
-            kept = robust_filter(theta, peer_theta, self.cfg.robust, self.clip)
+            kept = robust_filter(theta, peer_theta, self.cfg.robust, self.clip, peer.address)
             if kept is None:
                 self.counts.dropped["robust_reject"] += 1
                 continue

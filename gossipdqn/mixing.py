@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -96,36 +95,49 @@ def centered_clip(theta: torch.Tensor, peer_theta: torch.Tensor, tau: float) -> 
 
 @dataclass
 class AdaptiveClipThreshold:
-    """Clip radius tau = multiplier * median of the last `window` observed peer distances."""
+    """Clip radius tau = multiplier * lower median of the last `window` observed peer distances.
+
+    An observation with a `source` replaces that source's earlier one, so a peer that sends
+    faster than the others cannot fill the window and move the median alone.
+    """
 
     window: int = 32
-    """How many recent distances the median is taken over."""
+    """How many recent distances (or sources) the median is taken over."""
     multiplier: float = 3.0
     """tau is this many medians."""
     floor: float = 0.0
     """Lower bound on tau, so tau never collapses to 0 once peers agree."""
     initial: float = math.inf
-    """tau while no distance has been observed yet."""
-    _distances: deque[float] = field(init=False, repr=False)
+    """tau while fewer than `min_count` distances are known."""
+    min_count: int = 1
+    """Distances needed before the median is trusted."""
+    _distances: dict[object, float] = field(init=False, repr=False)
+    _observed: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.multiplier <= 0 or self.floor < 0:
+        if self.window < 1 or self.multiplier <= 0 or self.floor < 0 or self.min_count < 1:
             raise ValueError(
-                "window must be >= 1, multiplier > 0 and floor >= 0, got "
-                f"window={self.window!r}, multiplier={self.multiplier!r}, floor={self.floor!r}"
+                "window and min_count must be >= 1, multiplier > 0 and floor >= 0, got "
+                f"window={self.window!r}, min_count={self.min_count!r}, "
+                f"multiplier={self.multiplier!r}, floor={self.floor!r}"
             )
-        self._distances = deque(maxlen=self.window)
+        self._distances = {}
 
-    def observe(self, distance: float) -> None:
-        """Record one peer distance."""
-        self._distances.append(float(distance))
+    def observe(self, distance: float, source: object = None) -> None:
+        """Record one peer distance, replacing `source`'s previous one when a source is given."""
+        self._observed += 1
+        key = ("anonymous", self._observed) if source is None else source
+        self._distances.pop(key, None)
+        self._distances[key] = float(distance)
+        if len(self._distances) > self.window:
+            del self._distances[next(iter(self._distances))]
 
     @property
     def tau(self) -> float:
         """The current clip radius."""
-        if not self._distances:
+        if len(self._distances) < self.min_count:
             return max(self.initial, self.floor)
-        return max(self.multiplier * statistics.median(self._distances), self.floor)
+        return max(self.multiplier * statistics.median_low(self._distances.values()), self.floor)
 
 
 def robust_filter(
@@ -133,6 +145,7 @@ def robust_filter(
     peer_theta: torch.Tensor,
     mode: str,
     threshold: AdaptiveClipThreshold,
+    source: object = None,
 ) -> torch.Tensor | None:
     """Peer parameters to mix in under `mode` ("none", "clip", "reject"); None means drop.
 
@@ -144,7 +157,7 @@ def robust_filter(
         return peer_theta
     tau = threshold.tau
     distance = float(torch.linalg.vector_norm(peer_theta - theta))
-    threshold.observe(distance)
+    threshold.observe(distance, source)
     if mode == "clip":
         return centered_clip(theta, peer_theta, tau)
     return None if distance > tau else peer_theta

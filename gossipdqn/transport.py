@@ -8,7 +8,7 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +17,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
-from gossipdqn.faults import FaultInjector, Outbox
+from gossipdqn.faults import FaultInjector, Inbox, Outbox
 from gossipdqn.keys import CurveKeys, curve_keys_for
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,6 @@ class Transport:
         self._gossip, self._security = gossip, security
         self._context, self._own_context = context, context is None
         self._identity_prefix = identity_prefix
-        self._inbound_limit = inbound_limit or gossip.queue_messages * max(1, len(peer_addresses))
         self._started_at = time.monotonic()
         self._outbox = Outbox(
             self.peer_addresses,
@@ -132,7 +131,7 @@ class Transport:
             self._started_at,
         )
         self._lock = threading.Lock()  # guards the inbox and the counters
-        self._inbox: deque[Inbound] = deque()
+        self._inbox = Inbox(inbound_limit or gossip.queue_messages * max(1, len(peer_addresses)))
         self._counts: Counter[str] = Counter()
         self._dropped_in: Counter[str] = Counter()
         self._arrived, self._ready, self._stop = (
@@ -232,9 +231,9 @@ class Transport:
         return sum(self.send(peer, frames) for peer in self.peer_addresses)
 
     def receive(self, max_messages: int = 64) -> list[Inbound]:
-        """Up to `max_messages` received messages, oldest first, without blocking."""
+        """Up to `max_messages` received messages, senders in turn, without blocking."""
         with self._lock:
-            out = [self._inbox.popleft() for _ in range(min(max_messages, len(self._inbox)))]
+            out = self._inbox.take(max_messages)
             if not self._inbox:
                 self._arrived.clear()
         return out
@@ -398,10 +397,8 @@ class Transport:
                 user_id = None
         inbound = Inbound(frames[0].bytes, user_id, frames[1:], time.monotonic())
         with self._lock:
-            if len(self._inbox) >= self._inbound_limit:
-                self._inbox.popleft()
+            if not self._inbox.put(inbound.peer_identity, inbound):
                 self._dropped_in["inbound_full"] += 1
-            self._inbox.append(inbound)
             self._counts["messages_received"] += 1
             self._counts["bytes_received"] += sum(len(f) for f in inbound.frames)
             self._arrived.set()

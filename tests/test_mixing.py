@@ -153,3 +153,15 @@ def test_consensus_distance_by_hand() -> None:
     assert mean == pytest.approx(3.0) and ratio == pytest.approx(0.6)
     assert consensus_distance(theta, []) == (0.0, 0.0)
     assert consensus_distance(torch.zeros(2), [torch.ones(2)])[1] == math.inf
+
+
+def test_adaptive_threshold_keeps_one_distance_per_source() -> None:
+    threshold = AdaptiveClipThreshold(window=3, multiplier=1.0, initial=0.0, min_count=2)
+    threshold.observe(1000.0, "byzantine")
+    assert threshold.tau == 0.0  # one source is not enough to judge anyone by
+    for _ in range(10):  # a peer that sends ten times as often still counts once
+        threshold.observe(1000.0, "byzantine")
+    threshold.observe(1.0, "a")
+    assert threshold.tau == 1.0  # the lower median of (1000, 1)
+    threshold.observe(2.0, "b")
+    assert threshold.tau == 2.0
