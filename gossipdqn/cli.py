@@ -170,6 +170,108 @@ def cmd_local(args: argparse.Namespace) -> int:
     return code
 
 
+def baseline_passthrough(args: argparse.Namespace) -> list[str]:
+    """The run options a baseline hands on to each of its processes."""
+    out = [a for o in args.overrides for a in ("--set", o)]
+    for flag, value in (
+        ("--config", args.config),
+        ("--seed", args.seed),
+        ("--device", args.device),
+    ):
+        out += [flag, str(value)] if value is not None else []
+    return out + (["--quiet"] if args.quiet else [])
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from gossipdqn.baselines import run
+
+    if args.resume is not None:
+        raise UsageError("--resume: baselines start fresh; expected --run-dir")
+    if getattr(args, "n", 1) < 1 or getattr(args, "actors_scale", 1) < 1:
+        raise UsageError("-n and --actors-scale: expected at least 1")
+    cfg = resolve_config(args)
+    run_dir = resolve_run_dir(args, cfg)
+    stop = stop_on_signals()
+    if args.mode == "single":
+        cfg = run.scale_actors(cfg, args.actors_scale)
+        run_node(Node(cfg, run_dir / "node-0", quiet=args.quiet, label="[single]"), args)
+        run.write_summary(run_dir, "single", [0], {"actors_scale": args.actors_scale})
+        return 0
+    passthrough = baseline_passthrough(args)
+    if args.mode == "ps":
+        commands = run.ps_commands(args.n, run_dir, passthrough, args.pull_every)
+        codes, _ = run.run_group(commands, stop, workers=slice(1, None))
+        codes = codes[1:]
+    else:
+        commands = run.allreduce_commands(args.n, run_dir, passthrough)
+        codes, _ = run.run_group(commands, stop, workers=slice(None))
+    summary = run.write_summary(run_dir, args.mode, codes, {})
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+    return 1 if summary["failed"] else 0
+
+
+def cmd_baseline_worker(args: argparse.Namespace) -> int:
+    from gossipdqn.baselines.run import run_worker
+
+    peers = node_peers(args)
+    if not 0 <= args.rank < len(peers):
+        raise UsageError(f"--rank {args.rank}: expected 0..{len(peers) - 1} for {len(peers)} peers")
+    cfg = resolve_config(args)
+    return run_worker(
+        args.role, cfg, resolve_run_dir(args, cfg), args.rank, peers, stop=stop_on_signals(),
+        bind=args.bind, quiet=args.quiet, pull_every=args.pull_every,
+    )  # fmt: skip
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gossipdqn.report import ReportError, write_report
+
+    try:
+        written = write_report(args.run_dirs, args.out)
+    except ReportError as e:
+        raise UsageError(str(e)) from None
+    for path in written:
+        print(path)
+    return 0
+
+
+def add_baseline_parsers(sub: argparse._SubParsersAction) -> None:
+    """`baseline single|ps|allreduce`, `baseline-worker` (one of their processes), `report`."""
+    baseline = sub.add_parser("baseline", help="centralized baselines: single, ps, allreduce")
+    modes = baseline.add_subparsers(dest="mode", required=True, metavar="MODE")
+    single = modes.add_parser("single", help="one node (with --actors-scale N, N times the actors)")
+    single.add_argument("--actors-scale", type=int, default=1, help="actors and budgets times N")
+    ps = modes.add_parser("ps", help="a parameter server and N workers (Gorila style)")
+    ps.add_argument("-n", type=int, default=2, help="number of workers (default 2)")
+    ps.add_argument("--pull-every", type=int, default=20, help="updates between parameter pulls")
+    allreduce = modes.add_parser(
+        "allreduce", help="N workers averaging gradients (torch.distributed)"
+    )
+    allreduce.add_argument("-n", type=int, default=2, help="number of workers (default 2)")
+    for parser in (single, ps, allreduce):
+        add_run_arguments(parser)
+        parser.set_defaults(func=cmd_baseline)
+
+    worker = sub.add_parser("baseline-worker", help="one process of a baseline (used by baseline)")
+    worker.add_argument("--role", required=True, choices=("ps-server", "ps-worker", "allreduce"))
+    worker.add_argument("--rank", type=int, help="position in --peers (ps: 0 is the server)")
+    worker.add_argument("--peers", help="host:port of every process, in rank order")
+    worker.add_argument("--bind", help="address or interface to bind (default: the peer host)")
+    worker.add_argument("--slurm", action="store_true", help="rank and peers from Slurm (srun)")
+    worker.add_argument(
+        "--hosts", help="torchrun style: peers from this hosts file, rank from RANK"
+    )
+    worker.add_argument("--pull-every", type=int, default=20, help="ps: updates between pulls")
+    add_run_arguments(worker)
+    worker.set_defaults(func=cmd_baseline_worker)
+
+    report = sub.add_parser("report", help="plots and a markdown table from finished runs")
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=Path("report"), help="output dir (report)")
+    report.set_defaults(func=cmd_report)
+
+
 def _checkpoint_file(path: Path) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
@@ -236,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="device to load the network on")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=cmd_eval)
+    add_baseline_parsers(sub)
     return parser
 
 
