@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from gossipdqn.config import ActorConfig
-from gossipdqn.types import EnvSpec, Transitions
+from gossipdqn.types import EnvSpec, Transitions, VectorStep
 
 QFunction = Callable[[np.ndarray], np.ndarray]
 """Maps a batch of observations to a (batch, actions) array of Q-values."""
@@ -87,12 +87,13 @@ class NStepAccumulator:
 
 
 class ActorStep(NamedTuple):
-    """What one vector step produced: transitions and the episodes it finished."""
+    """What one vector step produced: transitions, the episodes it finished, the raw step."""
 
     transitions: Transitions
     env_steps: int
     episode_returns: np.ndarray
     episode_lengths: np.ndarray
+    step: VectorStep
 
 
 class Actors:
@@ -146,10 +147,11 @@ class Actors:
         self.episode_return[ended] = 0.0
         self.episode_length[ended] = 0
         self.reset_pending = terminated | truncated
+        step = VectorStep(self.obs, actions, rewards, next_obs, terminated, truncated, valid)
         self.obs = next_obs
         n_valid = int(valid.sum())
         self.steps += n_valid
-        return ActorStep(transitions, n_valid, returns, lengths)
+        return ActorStep(transitions, n_valid, returns, lengths, step)
 
     def close(self) -> None:
         self.env.close()

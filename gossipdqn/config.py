@@ -38,6 +38,14 @@ class EnvConfig:
         choices=("sync", "async"),
     )
     max_episode_steps: int = setting(0, "episode step cap; 0 keeps the environment's own", low=0)
+    episodic_life: bool = setting(True, "Atari: a lost life ends a training episode (not in eval)")
+    clip_rewards: bool = setting(
+        True, "Atari: training rewards clipped to their sign (not in eval)"
+    )
+    noop_max: int = setting(30, "Atari: up to this many no-op steps after each reset", low=0)
+    threads: int = setting(
+        1, "Atari: native threads stepping one vector env; 0 is automatic", low=0
+    )
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,32 @@ class ActorConfig:
     ape_x: bool = setting(False, "per-actor fixed epsilons eps_i = eps^(1 + alpha*i/(N-1))")
     ape_x_eps: float = setting(0.4, "base epsilon of the Ape-X ladder", low=0.0, high=1.0)
     ape_x_alpha: float = setting(7.0, "exponent spread of the Ape-X ladder", low=0.0)
+    processes: int = setting(
+        0, "actor processes per node, each with env.num_envs envs; 0 steps envs in-process", low=0
+    )
+    inference: str = setting(
+        "local",
+        "where actor processes evaluate the policy: a CPU copy (local) or the learner's net",
+        choices=("local", "learner"),
+    )
+    refresh_every: int = setting(
+        100, "learner updates between policy broadcasts to actor processes", low=1
+    )
+    queue_steps: int = setting(
+        4, "vector steps an actor process may have in flight before it blocks", low=1
+    )
+    restart_limit: int = setting(10, "restarts of crashed actor processes before giving up", low=0)
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
     hidden: tuple[int, ...] = setting((128, 128), "hidden layer widths of the MLP Q-network")
     dueling: bool = setting(False, "dueling head: Q = V + A - mean(A)")
+    kind: str = setting(
+        "auto",
+        "Q-network body; auto is nature_cnn for 84x84 frames, minatar_cnn for 10x10 grids",
+        choices=("auto", "mlp", "nature_cnn", "minatar_cnn"),
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,11 @@ class ReplayConfig:
     beta_start: float = setting(0.4, "initial importance-weight exponent", low=0.0, high=1.0)
     beta_steps: int = setting(50_000, "env steps over which beta anneals to 1", low=1)
     priority_eps: float = setting(1e-6, "added to |TD error| so no priority is zero", low=0.0)
+    storage: str = setting(
+        "auto",
+        "whole observations per transition, or each stacked frame once (auto: frames for Atari)",
+        choices=("auto", "transitions", "frames"),
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +122,12 @@ class LearnerConfig:
     )
     target_every: int = setting(50, "updates between hard target copies", low=1)
     tau: float = setting(0.005, "Polyak coefficient of the target update", low=0.0, high=1.0)
+    prefetch: bool = setting(False, "sample and copy the next batch in a thread during an update")
+    bf16: bool = setting(False, "bfloat16 autocast of the forward passes")
+    compile: bool = setting(False, "torch.compile the TD loss computation")
+    metrics_every: int = setting(
+        1, "updates between host syncs for loss and mean Q (priorities sync every update)", low=1
+    )
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,17 @@
-"""Gymnasium environments: vectorized training envs and their shapes."""
+"""Gymnasium environments: vectorized training envs (classic, MinAtar, Atari) and their shapes."""
 
 from __future__ import annotations
+
+import re
 
 import gymnasium as gym
 import numpy as np
 
 from gossipdqn.config import EnvConfig
 from gossipdqn.types import EnvSpec
+
+ATARI_MAX_FRAMES = 108_000
+"""The standard episode cap: 27k agent steps of 4 frames (30 minutes of play)."""
 
 
 class EnvError(ValueError):
@@ -17,15 +22,64 @@ def _make_kwargs(cfg: EnvConfig) -> dict:
     return {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps else {}
 
 
-def make_vector_env(cfg: EnvConfig, num_envs: int | None = None) -> gym.vector.VectorEnv:
-    """`num_envs` copies of `cfg.id`, in-process (sync) or in subprocesses (async)."""
-    n = num_envs or cfg.num_envs
+def is_atari(env_id: str) -> bool:
+    return env_id.startswith("ALE/")
+
+
+def atari_game(env_id: str) -> str:
+    """The ROM name of an `ALE/Name-vN` id: `ALE/SpaceInvaders-v5` is `space_invaders`."""
+    name = env_id.removeprefix("ALE/").split("-")[0]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _make_atari(cfg: EnvConfig, n: int, training: bool) -> gym.vector.VectorEnv:
+    """ale-py's native vector env with the DQN preprocessing done in C++ threads."""
     try:
-        env = gym.make_vec(
-            cfg.id, num_envs=n, vectorization_mode=cfg.vectorization, **_make_kwargs(cfg)
-        )
-    except gym.error.Error as e:
+        from ale_py.vector_env import AtariVectorEnv
+    except ImportError:
+        raise EnvError(
+            f"env.id: {cfg.id!r} needs ale-py; install it with `pip install gossipdqn[atari]`"
+        ) from None
+    frames = cfg.max_episode_steps * 4 if cfg.max_episode_steps else ATARI_MAX_FRAMES
+    try:
+        return AtariVectorEnv(
+            atari_game(cfg.id), n, num_threads=cfg.threads, noop_max=cfg.noop_max,
+            frameskip=4, maxpool=True, img_height=84, img_width=84, grayscale=True, stack_num=4,
+            episodic_life=cfg.episodic_life and training,
+            reward_clipping=cfg.clip_rewards and training,
+            max_num_frames_per_episode=frames, repeat_action_probability=0.0,
+        )  # fmt: skip
+    except (AssertionError, RuntimeError, ValueError) as e:  # ale-py asserts on bad ROM names
         raise EnvError(f"env.id: cannot make {cfg.id!r} ({e})") from None
+
+
+def _register_minatar(env_id: str) -> None:
+    try:
+        import minatar.gym
+    except ImportError:
+        raise EnvError(
+            f"env.id: {env_id!r} needs MinAtar; install it with `pip install gossipdqn[minatar]`"
+        ) from None
+    if env_id not in gym.registry:
+        minatar.gym.register_envs()
+
+
+def make_vector_env(
+    cfg: EnvConfig, num_envs: int | None = None, *, training: bool = True
+) -> gym.vector.VectorEnv:
+    """`num_envs` copies of `cfg.id`; evaluation (`training=False`) sees whole, unclipped games."""
+    n = num_envs or cfg.num_envs
+    if is_atari(cfg.id):
+        env = _make_atari(cfg, n, training)
+    else:
+        if cfg.id.startswith("MinAtar/"):
+            _register_minatar(cfg.id)
+        try:
+            env = gym.make_vec(
+                cfg.id, num_envs=n, vectorization_mode=cfg.vectorization, **_make_kwargs(cfg)
+            )
+        except gym.error.Error as e:
+            raise EnvError(f"env.id: cannot make {cfg.id!r} ({e})") from None
     spec_of(env)
     return env
 
@@ -38,3 +92,8 @@ def spec_of(env: gym.vector.VectorEnv) -> EnvSpec:
     if not isinstance(obs, gym.spaces.Box):
         raise EnvError(f"env.id: expected a Box observation space, got {obs}")
     return EnvSpec(tuple(obs.shape), np.dtype(obs.dtype), int(space.n))
+
+
+def is_frame_stack(spec: EnvSpec) -> bool:
+    """Stacked image frames (stack, height, width) of uint8, as the Atari envs give."""
+    return spec.obs_dtype == np.uint8 and len(spec.obs_shape) == 3 and spec.obs_shape[0] <= 8

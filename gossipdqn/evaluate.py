@@ -14,7 +14,7 @@ def evaluate(
     q_values: QFunction, env_cfg: EnvConfig, episodes: int, *, seed: int, eps: float = 0.0
 ) -> EvalResult:
     """Run one episode in each of `episodes` envs with an eps-greedy policy; their returns."""
-    env = make_vector_env(env_cfg, num_envs=episodes)
+    env = make_vector_env(env_cfg, num_envs=episodes, training=False)
     rng = np.random.default_rng(seed)
     try:
         obs, _ = env.reset(seed=seed)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
+import queue
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,7 +29,11 @@ def pick_device(name: str) -> torch.device:
 
 
 class UpdateResult(NamedTuple):
-    """Scalars of one update and the new |TD errors| for the sampled slots."""
+    """Scalars of one update and the new |TD errors| for the sampled slots.
+
+    With `learner.metrics_every` N > 1, `loss` and `mean_q` are the means over the last N updates
+    on every N-th update and NaN between; `td_errors` is empty when the caller did not ask.
+    """
 
     loss: float
     mean_q: float
@@ -48,30 +55,32 @@ class Learner:
         self.updates = 0
         self.gradient_handler: Callable[[Learner], None] | None = None
         """Replaces `apply_gradients` (all-reduce averages first, a PS worker sends them away)."""
-        self.pin = self.device.type == "cuda"
         self.actor_net = (
             self.online if self.device.type == "cpu" else copy.deepcopy(self.online).cpu()
         )
+        self.loss_fn = torch.compile(self._loss) if cfg.compile else self._loss
+        self.stats = torch.zeros(2, device=self.device)
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.pin:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+    def to_device(self, batch: SampledBatch) -> SampledBatch:
+        """The batch as tensors on the learner's device (via pinned memory); indices stay here."""
+        *arrays, indices = batch
+        return SampledBatch(*(_to_device(a, self.device) for a in arrays), indices)
 
-    def step(self, batch: SampledBatch) -> UpdateResult:
+    def _loss(self, batch: SampledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weighted TD loss, TD errors, mean Q of the taken actions) of a device batch."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.bf16):
+            with torch.no_grad():
+                next_target = self.target(batch.next_obs).float()
+                next_online = self.online(batch.next_obs).float() if self.cfg.double else None
+                targets = td_targets(batch.rewards, batch.discounts, next_target, next_online)
+            q_values = self.online(batch.obs).float()
+        q_taken = q_values.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+        loss, errors = td_loss(q_taken, targets, batch.weights, self.cfg.loss)
+        return loss, errors, q_taken.detach().mean()
+
+    def step(self, batch: SampledBatch, *, td_errors: bool = True) -> UpdateResult:
         """One gradient step on a sampled batch; refreshes the target net on its schedule."""
-        obs, next_obs = self._to_device(batch.obs), self._to_device(batch.next_obs)
-        actions = self._to_device(batch.actions)
-        rewards, discounts = self._to_device(batch.rewards), self._to_device(batch.discounts)
-        weights = self._to_device(batch.weights)
-        with torch.no_grad():
-            next_target = self.target(next_obs)
-            next_online = self.online(next_obs) if self.cfg.double else None
-            targets = td_targets(rewards, discounts, next_target, next_online)
-        q_values = self.online(obs)
-        q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
-        loss, errors = td_loss(q_taken, targets, weights, self.cfg.loss)
+        loss, errors, mean_q = self.loss_fn(self.to_device(batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.gradient_handler is None:
@@ -80,8 +89,14 @@ class Learner:
             self.gradient_handler(self)
         self.updates += 1
         self._update_target()
-        stats = torch.stack([loss.detach(), q_taken.detach().mean()]).cpu().numpy()
-        return UpdateResult(float(stats[0]), float(stats[1]), errors.detach().abs().cpu().numpy())
+        self.stats += torch.stack([loss.detach(), mean_q])
+        errors = errors.detach().abs().cpu().numpy() if td_errors else np.zeros(0, np.float32)
+        every = self.cfg.metrics_every
+        if self.updates % every:
+            return UpdateResult(math.nan, math.nan, errors)
+        stats = (self.stats / every).cpu().numpy()
+        self.stats.zero_()
+        return UpdateResult(float(stats[0]), float(stats[1]), errors)
 
     def apply_gradients(self) -> None:
         """Clip the online net's gradients and take one optimizer step."""
@@ -122,3 +137,51 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
         self.sync_actor_net()
+
+
+def _to_device(value: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+class Prefetcher:
+    """Samples the next batches and copies them to the device in a thread while updates run."""
+
+    def __init__(
+        self, sample: Callable[[], SampledBatch], learner: Learner, *, depth: int = 2
+    ) -> None:
+        self.sample, self.learner = sample, learner
+        self.ready: queue.Queue[SampledBatch | BaseException] = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                item: SampledBatch | BaseException = self.learner.to_device(self.sample())
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
+                item = e
+            while not self.stopping.is_set():
+                try:
+                    self.ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self, timeout_s: float = 60.0) -> SampledBatch:
+        """The next device batch; re-raises what the sampling thread raised."""
+        item = self.ready.get(timeout=timeout_s)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5.0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -13,18 +15,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from gossipdqn.actor_processes import ActorPool, Received
 from gossipdqn.actors import Actors
 from gossipdqn.checkpoint import load_checkpoint, save_checkpoint
 from gossipdqn.config import Config, config_to_toml
 from gossipdqn.envs import make_vector_env, spec_of
 from gossipdqn.evaluate import evaluate
+from gossipdqn.frame_replay import FrameReplay, make_replay
 from gossipdqn.gossip import Gossip, ObsBounds
-from gossipdqn.learner import Learner
+from gossipdqn.learner import Learner, Prefetcher
 from gossipdqn.metrics import MetricsLog, PhaseTimer, format_progress, print_progress
 from gossipdqn.networks import fingerprint
 from gossipdqn.replay import ReplayBuffer
 from gossipdqn.transport import Transport
-from gossipdqn.types import EvalResult, Transitions
+from gossipdqn.types import EvalResult, SampledBatch, Transitions, VectorStep
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -88,18 +92,22 @@ class Node:
         self.cfg, self.run_dir, self.quiet, self.label = cfg, Path(run_dir), quiet, label
         if cfg.learner.threads:
             torch.set_num_threads(cfg.learner.threads)
-        env = make_vector_env(cfg.env)
+        env = make_vector_env(cfg.env, num_envs=1 if cfg.actor.processes else None)
         self.spec = spec_of(env)
         self.actors = Actors(
             env, self.spec, cfg.actor, n_step=cfg.replay.n_step, gamma=cfg.learner.gamma,
             seed=cfg.seed, actor_offset=actor_offset, total_actors=total_actors,
         )  # fmt: skip
-        self.replay = ReplayBuffer(
-            cfg.replay.capacity, self.spec.obs_shape, self.spec.obs_dtype,
-            prioritized=cfg.replay.prioritized, alpha=cfg.replay.alpha,
-            priority_eps=cfg.replay.priority_eps, seed=cfg.seed + 1,
-        )  # fmt: skip
+        self.replay = make_replay(cfg.replay, self.spec, gamma=cfg.learner.gamma, seed=cfg.seed + 1)
+        self.replay_lock = threading.Lock()
         self.learner = Learner(self.spec, cfg.network, cfg.learner, seed=cfg.seed)
+        self.prefetcher: Prefetcher | None = None
+        self.pool: ActorPool | None = None
+        if cfg.actor.processes:
+            self.pool = ActorPool(
+                cfg, frames=isinstance(self.replay, FrameReplay), device=self.learner.device,
+                inference_net=copy.deepcopy(self.learner.online).requires_grad_(False),
+            )  # fmt: skip
         self.exchange: Exchange | None = None
         self.progress = Progress()
         self.window = Window()
@@ -132,31 +140,79 @@ class Node:
         return max(0, target - self.progress.updates)
 
     def train_step(self) -> None:
-        """Step the actors once, store what they saw, then run the updates now due."""
+        """Step the actors once, store what they saw, then run the updates now due.
+
+        With actor processes: take in what they sent, or, when updates are due, run them
+        instead; the actors block while the learner is behind, which holds the replay ratio.
+        """
+        if self.pool is not None:
+            self._pool_step(self.pool)
+            return
         with self.timer.phase("act"):
             out = self.actors.step(self.learner.q_values)
-        with self.timer.phase("replay_add"):
-            self.replay.add(out.transitions)
-        self.progress.env_steps += out.env_steps
-        self.progress.episodes += len(out.episode_returns)
-        self.window.env_steps += out.env_steps
-        self.window.returns.extend(out.episode_returns.tolist())
-        if self.exchange is not None:
-            with self.timer.phase("gossip"):
-                self.exchange.after_env_step(self.progress.env_steps, out.transitions)
+        self._store(0, out.transitions, out.step, out.env_steps, out.episode_returns)
         for _ in range(self.updates_due()):
             self._update()
 
+    def _pool_step(self, pool: ActorPool) -> None:
+        with self.timer.phase("actor_check"):
+            pool.check()
+        due = self.updates_due()
+        if due:
+            for _ in range(due):
+                self._update()
+            return
+        with self.timer.phase("receive"):
+            received: list[Received] = pool.receive(0.05, max_messages=self.cfg.actor.processes)
+        for r in received:
+            self._store(r.stream, r.transitions, r.step, r.env_steps, r.episode_returns)
+        self.actors.steps = self.progress.env_steps
+
+    def _store(
+        self, stream: int, transitions: Transitions | None, step: VectorStep | None,
+        env_steps: int, episode_returns: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Add one vector step's experience to replay and count it; tell the exchange."""
+        with self.timer.phase("replay_add"), self.replay_lock:
+            if isinstance(self.replay, FrameReplay) and step is not None:
+                slots = self.replay.add_steps(stream, step)
+                if transitions is None and self.exchange is not None:
+                    transitions = self.replay.transitions(slots)
+            elif transitions is not None:
+                self.replay.add(transitions)
+        self.progress.env_steps += env_steps
+        self.progress.episodes += len(episode_returns)
+        self.window.env_steps += env_steps
+        self.window.returns.extend(episode_returns.tolist())
+        if self.exchange is not None and transitions is not None:
+            with self.timer.phase("gossip"):
+                self.exchange.after_env_step(self.progress.env_steps, transitions)
+
+    def _sample(self) -> SampledBatch:
+        with self.replay_lock:
+            return self.replay.sample(self.cfg.learner.batch_size, self.beta())
+
     def _update(self) -> None:
         with self.timer.phase("sample"):
-            batch = self.replay.sample(self.cfg.learner.batch_size, self.beta())
+            if self.cfg.learner.prefetch:
+                self.prefetcher = self.prefetcher or Prefetcher(self._sample, self.learner)
+                batch = self.prefetcher.next()
+            else:
+                batch = self._sample()
         with self.timer.phase("update"):
-            result = self.learner.step(batch)
-        self.replay.update_priorities(batch.indices, result.td_errors)
+            result = self.learner.step(batch, td_errors=self.replay.prioritized)
+        with self.replay_lock:
+            self.replay.update_priorities(batch.indices, result.td_errors)
         self.progress.updates += 1
         self.window.updates += 1
-        self.window.losses.append(result.loss)
-        self.window.mean_qs.append(result.mean_q)
+        if not math.isnan(result.loss):
+            self.window.losses.append(result.loss)
+            self.window.mean_qs.append(result.mean_q)
+        if self.pool is not None and self.progress.updates % self.cfg.actor.refresh_every == 0:
+            with self.timer.phase("publish"):
+                self.pool.publish(
+                    self.learner.online, self.progress.updates, self.progress.env_steps
+                )
         if self.exchange is not None:
             with self.timer.phase("gossip"):
                 self.exchange.after_update(self.progress.updates)
@@ -293,6 +349,10 @@ class Node:
             self.replay.load_state_dict(state["replay"])
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.pool is not None:
+            self.pool.close()
         if self.exchange is not None:
             self.exchange.close()
         self.actors.close()

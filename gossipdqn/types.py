@@ -20,6 +20,18 @@ class Transitions(NamedTuple):
         return int(self.actions.shape[0])
 
 
+class VectorStep(NamedTuple):
+    """One step of a vector env as it happened; `valid` is False where the step only reset."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_obs: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    valid: np.ndarray
+
+
 class SampledBatch(NamedTuple):
     """A minibatch from replay, with importance weights and the slots it came from."""
 
