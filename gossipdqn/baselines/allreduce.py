@@ -2,10 +2,12 @@
 
 Each worker is an ordinary node whose learner hands its gradients to `torch.distributed`
 (gloo on CPU, nccl on GPU); the averaged gradients then take the usual clip + Adam step, so
-parameters stay bit-identical across workers. Rank 0's address of the peer list hosts the TCP
-rendezvous store (the MASTER_ADDR:MASTER_PORT of torch.distributed). Workers update in lockstep,
-so a worker that stops early, or dies, ends the collective for everyone: the others stop with
-a clear error.
+parameters stay bit-identical across workers (checked every CHECK_EVERY updates). Rank 0's
+address of the peer list hosts the TCP rendezvous store (torch's MASTER_ADDR:MASTER_PORT).
+Each all-reduce also counts the workers still training: one that reaches its budget first
+keeps taking part, with no gradients of its own, until all are done, so uneven env-step counts
+end cleanly. A worker that dies ends the collective for everyone: the others stop with a clear
+error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from gossipdqn.mixing import flatten, unflatten_into
 from gossipdqn.replay import ReplayBuffer
 from gossipdqn.types import Transitions
 
+CHECK_EVERY = 100
+"""All-reduces between checks that every worker's parameters equal rank 0's, bit for bit."""
+
 
 class AllReduceExchange:
     """Averages gradients with an all-reduce each update (implements node.Exchange)."""
@@ -36,6 +41,8 @@ class AllReduceExchange:
         self.lost: str | None = None
         self.reduces = 0
         self.reduce_s = 0.0
+        self.checks = 0
+        self.mismatches = 0
         self.nbytes = 0
         self.started = time.monotonic()
         self.learner: Learner | None = None
@@ -62,25 +69,58 @@ class AllReduceExchange:
         self.params = list(learner.online.parameters())
         learner.gradient_handler = self._average
 
+    def _reduce(self, flat: torch.Tensor, active: bool) -> tuple[torch.Tensor, int]:
+        """Sum `flat` over workers with one more slot counting the workers still training."""
+        buf = torch.cat([flat, flat.new_ones(1) if active else flat.new_zeros(1)])
+        started = time.perf_counter()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        self.reduce_s += time.perf_counter() - started
+        self.reduces += 1
+        self.nbytes = buf.numel() * buf.element_size()
+        if self.reduces % CHECK_EVERY == 0:
+            self._check_identical()
+        return buf[:-1], int(buf[-1].item())
+
+    def _check_identical(self) -> None:
+        """Compare this worker's parameters with rank 0's, bit for bit."""
+        theta = flatten(self.params)
+        reference = theta.clone()
+        dist.broadcast(reference, src=0)
+        self.checks += 1
+        self.mismatches += not torch.equal(theta, reference)
+
+    def _apply(self, summed: torch.Tensor, active: int) -> None:
+        grads = [p.grad for p in self.params]
+        unflatten_into(summed / active, grads)
+        assert self.learner is not None
+        self.learner.apply_gradients()
+
     def _average(self, learner: Learner) -> None:
-        """The gradient handler: sum over workers, divide by their number, clip + Adam step."""
+        """The gradient handler: the mean over training workers, then clip + Adam step."""
         if self.lost is not None:
             return
-        grads = [p.grad for p in self.params]
-        flat = flatten(grads)
-        started = time.perf_counter()
         try:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            summed, active = self._reduce(flatten([p.grad for p in self.params]), True)
         except (RuntimeError, dist.DistError) as e:
             self.lost = f"all-reduce failed: a worker left or died ({_first_line(e)})"
             self.stop.set()
             return
-        self.reduce_s += time.perf_counter() - started
-        self.reduces += 1
-        self.nbytes = flat.numel() * flat.element_size()
-        flat /= self.world
-        unflatten_into(flat, grads)
-        learner.apply_gradients()
+        self._apply(summed, active)
+
+    def _drain(self) -> None:
+        """A worker done early takes part (with no gradients) until every worker is done."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        zeros = flatten([p.grad for p in self.params]).zero_()
+        while True:
+            try:
+                summed, active = self._reduce(zeros, False)
+            except (RuntimeError, dist.DistError):
+                return
+            if active == 0:
+                return
+            self._apply(summed, active)
 
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Nothing to do between updates."""
@@ -94,13 +134,17 @@ class AllReduceExchange:
         ring = 2 * (self.world - 1) / self.world * self.nbytes * self.reduces
         return {
             "allreduce_count": self.reduces, "allreduce_s": self.reduce_s,
+            "identity_checks": self.checks, "identity_mismatches": self.mismatches,
             "sent_bytes": int(ring), "recv_bytes": int(ring),
             "sent_bytes_per_s": ring / elapsed, "recv_bytes_per_s": ring / elapsed,
             "allreduce_lost": self.lost or "",
         }  # fmt: skip
 
     def close(self) -> None:
+        """Wait for the other workers to finish their updates, then leave the group."""
         if dist.is_initialized():
+            if self.lost is None and self.learner is not None:
+                self._drain()
             dist.destroy_process_group()
 
 
