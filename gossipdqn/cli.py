@@ -19,6 +19,7 @@ from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
 from gossipdqn.envs import EnvError, make_vector_env, spec_of
 from gossipdqn.evaluate import evaluate
 from gossipdqn.hosts import HostsError
+from gossipdqn.keys import SecurityError, generate_keys
 from gossipdqn.launch import (
     add_launch_arguments,
     resolve_env_peers,
@@ -28,6 +29,7 @@ from gossipdqn.launch import (
 from gossipdqn.learner import Learner
 from gossipdqn.local import run_local
 from gossipdqn.node import CHECKPOINT_NAME, Node, gossip_node
+from gossipdqn.transport import TransportError
 
 
 class UsageError(Exception):
@@ -300,6 +302,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.nodes < 1:
+        raise UsageError(f"--nodes {args.nodes}: expected at least 1")
+    generate_keys(args.dir, args.nodes)
+    print(
+        f"gossipdqn: {args.nodes} CURVE key pairs in {args.dir} (secret keys mode 0600), public "
+        f"keys in {args.dir / 'authorized'}; give every node security.keys_dir={args.dir}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gossipdqn", description="Decentralized deep Q-learning over ZeroMQ gossip."
@@ -338,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="device to load the network on")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=cmd_eval)
+
+    keys = sub.add_parser("keys", help="CURVE keys that authenticate and encrypt gossip")
+    keys_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = keys_actions.add_parser("generate", help="one key pair per node, plus authorized/")
+    generate.add_argument("dir", type=Path, metavar="DIR", help="directory to write the keys to")
+    generate.add_argument("--nodes", type=int, required=True, help="number of nodes (ranks)")
+    generate.set_defaults(func=cmd_keys)
     add_baseline_parsers(sub)
     return parser
 
@@ -348,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, ConfigError, EnvError, HostsError) as e:
+    except (UsageError, ConfigError, EnvError, HostsError, SecurityError, TransportError) as e:
         print(f"gossipdqn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -284,6 +284,13 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"learner.device: expected auto, cpu, cuda or cuda:N, got {cfg.learner.device!r}"
         )
+    from gossipdqn.faults import parse_partition  # faults builds on this module's FaultsConfig
+
+    for entry in cfg.faults.partition:
+        try:
+            parse_partition(entry)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -96,7 +96,10 @@ def authorized_public_keys(directory: str | Path) -> dict[bytes, int]:
     """z85 public key -> rank for every `authorized/node-<r>.key`."""
     folder = Path(directory) / AUTHORIZED
     if not folder.is_dir():
-        raise SecurityError(f"{folder}: directory of authorized public keys not found")
+        raise SecurityError(
+            f"{folder}: directory of authorized public keys not found; "
+            "run `gossipdqn keys generate DIR --nodes N`"
+        )
     ranks: dict[bytes, int] = {}
     for path in sorted(folder.glob("*.key")):
         match = _NAME.match(path.name)

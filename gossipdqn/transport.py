@@ -243,12 +243,16 @@ class Transport:
         return self._arrived.wait(timeout_s)
 
     def rank_of(self, message: Inbound) -> int | None:
-        """The sender rank its CURVE key proves or, without CURVE, its routing id claims."""
+        """The sender rank its CURVE key proves or, without CURVE, its routing id claims.
+
+        A routing id is `<prefix><rank>:<nonce>`; the rank is all that counts.
+        """
         if self._curve is not None:
             key = message.user_id.encode() if message.user_id else b""
             return self.peer_ranks.get(key)
         prefix = self._identity_prefix.encode()
-        rank = message.peer_identity.removeprefix(prefix) if prefix else message.peer_identity
+        claim = message.peer_identity.removeprefix(prefix) if prefix else message.peer_identity
+        rank = claim.split(b":", 1)[0]
         return int(rank) if rank.isdigit() else None
 
     def stats(self) -> TransportStats:
@@ -284,7 +288,6 @@ class Transport:
             _set_common(router, gossip)
             router.rcvhwm = max(16, 4 * gossip.queue_messages)
             router.setsockopt(zmq.MAXMSGSIZE, int(gossip.max_message_mb * 1024 * 1024))
-            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if self._curve is not None:
                 router.curve_server = True
                 router.curve_publickey = self._curve.node.public
@@ -307,7 +310,8 @@ class Transport:
 
     def _configure_dealer(self, dealer: zmq.Socket, peer: int) -> None:
         _set_common(dealer, self._gossip)
-        dealer.identity = f"{self._identity_prefix}{self.rank}".encode()
+        # unique per connection: a second client claiming our rank cannot take over our pipe
+        dealer.identity = f"{self._identity_prefix}{self.rank}:{uuid.uuid4().hex[:8]}".encode()
         dealer.sndhwm, dealer.rcvhwm = self._gossip.queue_messages, 1
         dealer.immediate = True
         dealer.reconnect_ivl = 100

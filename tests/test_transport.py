@@ -113,7 +113,7 @@ def test_two_transports_exchange_both_ways(make: Callable[..., Transport]) -> No
     (at_b,), (at_a,) = collect(b, 1), collect(a, 1)
     assert (seq_of(at_b), seq_of(at_a)) == (1, 2)
     assert (b.rank_of(at_b), a.rank_of(at_a)) == (0, 1)
-    assert at_b.user_id is None and at_b.peer_identity == b"0"
+    assert at_b.user_id is None and at_b.peer_identity.startswith(b"0:")
     assert eventually(lambda: a.stats().messages_sent == 1 and a.stats().bytes_sent > 16)
     assert b.stats().messages_received == 1 and b.stats().bytes_received == a.stats().bytes_sent
 
@@ -146,7 +146,7 @@ def test_broadcast_reaches_every_peer(make: Callable[..., Transport]) -> None:
     assert hub.broadcast(frames_of(5)) == 2
     for leaf in leaves:
         (got,) = collect(leaf, 1)
-        assert seq_of(got) == 5 and got.peer_identity == b"run-x/0"
+        assert seq_of(got) == 5 and got.peer_identity.startswith(b"run-x/0:")
 
 
 def test_full_queue_drops_oldest_until_peer_appears(make: Callable[..., Transport]) -> None:
