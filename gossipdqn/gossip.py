@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,11 +22,8 @@ from gossipdqn.mixing import (
     AdaptiveClipThreshold,
     consensus_distance,
     flatten,
-    pairwise_average,
-    push_sum_receive_many,
     push_sum_share,
     robust_filter,
-    unflatten_into,
 )
 from gossipdqn.replay import ReplayBuffer
 from gossipdqn.topology import out_peers
@@ -61,6 +59,7 @@ class Peer:
     last_seq: int = -1
     last_round: int = -1
     params: torch.Tensor | None = None
+    params_weight: float = 1.0
     last_logged: float = -1e9
     accepted: int = 0
 
@@ -309,31 +308,43 @@ class Gossip:
         self.replay.add(Transitions(**msg.tensors))
 
     def _mix(self, arrivals: list[tuple[Peer, Message]]) -> None:
-        """Mix received parameters into the online net (push-sum or pairwise averaging)."""
+        """Mix received parameters into the online net in place, parameter by parameter.
+
+        Push-sum: θ <- (w·θ + Σy) / (w + Σv), applied one message at a time as
+        θ <- θ·w/(w+v) + y/(w+v). Pairwise: θ <- (θ + θ_peer) / 2. No flat copy of θ is made
+        unless robust mixing needs the de-biased peer parameters.
+        """
         assert self.learner is not None
         params = list(self.learner.online.parameters())
-        theta = flatten(params).cpu()
-        received = []
-        for peer, msg in arrivals:
-            weight = float(msg.meta.get("w", 1.0))
-            peer_theta = torch.from_numpy(msg.tensors["params"].copy())
-            if self.cfg.mixing == "push_sum":
-                peer_theta /= weight
-            peer.params = peer_theta
-            kept = robust_filter(theta, peer_theta, self.cfg.robust, self.clip, peer.address)
-            if kept is None:
-                self.counts.dropped["robust_reject"] += 1
-                continue
-            received.append((kept, weight))
-        if self.cfg.mixing == "push_sum":
-            self.weight = float(
-                push_sum_receive_many(theta, self.weight, [(p * w, w) for p, w in received])
-            )
-        else:
-            for peer_theta, _ in received:
-                pairwise_average(theta, peer_theta, 0.5)
-        unflatten_into(theta.to(params[0].device), params)
+        with torch.no_grad():
+            for peer, msg in arrivals:
+                weight = float(msg.meta.get("w", 1.0)) if self.cfg.mixing == "push_sum" else 1.0
+                payload = _readonly_tensor(msg.tensors["params"])
+                peer.params, peer.params_weight = payload, weight
+                if self.cfg.robust != "none":
+                    payload = self._robust(params, payload / weight, peer.address)
+                    if payload is None:
+                        continue
+                    payload *= weight
+                pieces = _split_like(payload.to(params[0].device), params)
+                if self.cfg.mixing == "push_sum":
+                    total = self.weight + weight
+                    torch._foreach_mul_(params, self.weight / total)
+                    torch._foreach_add_(params, pieces, alpha=1.0 / total)
+                    self.weight = total
+                else:
+                    torch._foreach_lerp_(params, pieces, 0.5)
         self.learner.sync_actor_net()
+
+    def _robust(
+        self, params: list[torch.Tensor], peer_theta: torch.Tensor, source: str
+    ) -> torch.Tensor | None:
+        """The peer's parameters after `gossip.robust` (clipped toward ours, or None)."""
+        theta = flatten(params).cpu()
+        kept = robust_filter(theta, peer_theta, self.cfg.robust, self.clip, source)
+        if kept is None:
+            self.counts.dropped["robust_reject"] += 1
+        return kept
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -362,7 +373,7 @@ class Gossip:
         return out
 
     def _consensus(self) -> dict[str, float]:
-        latest = [p.params for p in self.peers.values() if p.params is not None]
+        latest = [p.params / p.params_weight for p in self.peers.values() if p.params is not None]
         if self.learner is None or not latest:
             return {}
         theta = flatten(list(self.learner.online.parameters())).cpu()
@@ -371,3 +382,16 @@ class Gossip:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a received (read-only) frame buffer, without copying it; never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of a flat vector shaped like each parameter."""
+    pieces = torch.split(flat, [p.numel() for p in params])
+    return [piece.view_as(p) for piece, p in zip(pieces, params)]

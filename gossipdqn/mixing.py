@@ -20,9 +20,9 @@ ROBUST_MODES: tuple[str, ...] = ("none", "clip", "reject")
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one new, detached 1-D tensor."""
+    """Concatenate tensors into one new, detached 1-D tensor (torch.cat always copies)."""
     with torch.no_grad():
-        return parameters_to_vector(tensors).clone()
+        return parameters_to_vector(tensors)
 
 
 def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
