@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
+import torch
+import zmq
+from gossip_fixture import FakePeer, addresses, build, close_all, params_of, run_id_of, step_until
 
 from gossipdqn.config import ConfigError, load_config
 from gossipdqn.faults import Inbox
+from gossipdqn.wire import Kind
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,3 +31,48 @@ def test_partition_entries_are_checked_when_the_config_loads() -> None:
     assert load_config(None, ['faults.partition=["2-5:0,1|2,3"]']).faults.partition
     with pytest.raises(ConfigError, match="faults.partition '5-2:0|1'"):
         load_config(None, ['faults.partition=["5-2:0|1"]'])
+
+
+def consensus(nodes: list) -> float:
+    """Mean distance of the nodes' parameters from their mean."""
+    thetas = torch.stack([params_of(n) for n in nodes])
+    return float((thetas - thetas.mean(0)).norm(dim=1).mean())
+
+
+@pytest.mark.parametrize("robust", ["clip", "none"])
+def test_byzantine_peer_is_clipped(tmp_path: Path, robust: str) -> None:
+    peers = addresses(4)  # ranks 0-2 honest, 3 sends its parameters sign-flipped x1000
+    nodes = build(
+        tmp_path, peers, [0, 1, 2], [f'gossip.robust="{robust}"', "gossip.topology=complete"]
+    )
+    ctx = zmq.Context()
+    sink = ctx.socket(zmq.ROUTER)  # takes what the honest nodes send rank 3, unread
+    sink.linger = 0
+    sink.bind(f"tcp://{peers[3]}")
+    byzantine = FakePeer(3, run_id_of(peers), ctx)
+    try:
+        for address in peers[:3]:
+            byzantine.connect(address)
+            byzantine.send(address, byzantine.hello(nodes[0]))
+        start = max(float(params_of(n).abs().max()) for n in nodes)
+        peak, deadline = 0.0, time.monotonic() + 5
+        while time.monotonic() < deadline:
+            step_until(nodes, lambda: True, timeout_s=1)
+            flipped = -1000 * torch.stack([params_of(n) for n in nodes]).mean(0) / 3
+            for address, node in zip(peers[:3], nodes):
+                frames = byzantine.message(
+                    Kind.PARAMS, {"params": flipped.numpy()}, round=node.exchange.round, w=1 / 3
+                )
+                byzantine.send(address, frames)
+            peak = max([peak, *(float(params_of(n).abs().max()) for n in nodes)])
+        if robust == "clip":
+            assert sum(n.exchange.peers[3].accepted for n in nodes) > 30  # the attack reached them
+            assert all(torch.isfinite(params_of(n)).all() for n in nodes)
+            assert peak < 10 * start, f"honest parameters grew from {start} to {peak}"
+        else:
+            assert peak > 100 * start  # without the defence the attack bites
+    finally:
+        byzantine.close()
+        sink.close(linger=0)
+        ctx.term()
+        close_all(nodes)
