@@ -112,7 +112,7 @@ def bootstrap_ci(
 def run_curve(run: Run, grid: np.ndarray, axis: str) -> np.ndarray:
     """The run's eval return at each grid point (mean over nodes of their latest eval)."""
     values = []
-    for evals in run.evals:
+    for evals in (e for e in run.evals if len(e)):
         x = evals[:, 0] * run.workers if axis == "steps" else evals[:, 1]
         at = np.searchsorted(x, grid, side="right") - 1
         values.append(np.where(at >= 0, evals[np.maximum(at, 0), 2], np.nan))

@@ -109,19 +109,25 @@ class ParameterServer:
         self.params_sent: Counter[int] = Counter()
         self.dropped: Counter[str] = Counter()
         self.last_heard: dict[int, float] = {}
+        self.last_hello = -1e9
         self.started = time.monotonic()
 
     def serve(self, stop: threading.Event) -> None:
         """Until `stop`, or every worker heard from has been silent for peer_timeout_s."""
-        last_hello = -1e9
         while not stop.is_set() and not self._workers_gone():
             self.link.transport.wait(self.cfg.gossip.heartbeat_s)
+            self._hello()
             for msg in self.link.receive(self.dropped):
                 self._handle(msg)
-            if time.monotonic() - last_hello >= self.cfg.gossip.heartbeat_s:
-                last_hello = time.monotonic()
-                for worker in self.link.transport.peer_addresses:
-                    self.link.send(worker, Kind.HELLO, {}, self.learner.updates)
+                self._hello()  # a flood of gradients must not silence the heartbeat
+
+    def _hello(self) -> None:
+        """HELLO to every worker once per heartbeat, so they know the server is alive."""
+        if time.monotonic() - self.last_hello < self.cfg.gossip.heartbeat_s:
+            return
+        self.last_hello = time.monotonic()
+        for worker in self.link.transport.peer_addresses:
+            self.link.send(worker, Kind.HELLO, {}, self.learner.updates)
 
     def _workers_gone(self) -> bool:
         now, timeout = time.monotonic(), self.cfg.gossip.peer_timeout_s
