@@ -219,9 +219,12 @@ class Gossip:
         meta |= {"inc": self.incarnation}
         return encode(Message(kind, self.run_id, self.rank, self.seq, step, tensors, meta))
 
-    def _send(self, peer: int, kind: Kind, frames: list) -> None:
-        if self.transport.send(peer, frames):
+    def _send(self, peer: int, kind: Kind, frames: list) -> bool:
+        """Queue `frames` for `peer`; False when the transport refused them (a fault rule)."""
+        queued = self.transport.send(peer, frames)
+        if queued:
             self.counts.sent[kind.name.lower()] += 1
+        return queued
 
     def _hello(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -281,8 +284,9 @@ class Gossip:
         else:
             payload, meta = theta.numpy(), {}
         frames = self._message(Kind.PARAMS, {"params": payload}, round=self.round, **meta)
-        for rank in targets:
-            self._send(rank, Kind.PARAMS, frames)
+        refused = sum(not self._send(rank, Kind.PARAMS, frames) for rank in targets)
+        if self.cfg.mixing == "push_sum":  # a share that never left is still ours: no mass lost
+            self.weight += refused * float(meta["w"])
 
     def _share_experience(self) -> None:
         assert self.replay is not None

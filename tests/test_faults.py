@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -75,4 +76,28 @@ def test_byzantine_peer_is_clipped(tmp_path: Path, robust: str) -> None:
         byzantine.close()
         sink.close(linger=0)
         ctx.term()
+        close_all(nodes)
+
+
+def test_partition_heals_back_to_consensus(tmp_path: Path) -> None:
+    cut_at, heal_at = 5.0, 8.0
+    sets = ["gossip.topology=complete", f'faults.partition=["{cut_at}-{heal_at}:0,1|2,3"]']
+    nodes = build(tmp_path, addresses(4), range(4), sets)
+    started = time.monotonic()  # the transports started within the last moment
+    try:
+
+        def distances_until(t: float) -> list[float]:
+            out = []
+            while time.monotonic() - started < t:
+                step_until(nodes, lambda: True, timeout_s=1)
+                out.append(consensus(nodes))
+            return out
+
+        before = statistics.median(distances_until(cut_at)[-20:])
+        during = max(distances_until(heal_at))
+        after = distances_until(heal_at + 5)
+        assert sum(n.exchange.transport.stats().dropped.get("partition", 0) for n in nodes) > 0
+        assert during > 2 * before, (before, during)  # the halves drifted apart
+        assert min(after[-20:]) < 1.5 * before, (before, during, after[-20:])
+    finally:
         close_all(nodes)
