@@ -4,7 +4,8 @@
    live nodes vs a raw ZeroMQ + msgpack transfer of the same bytes (target ratio <= 1.3), for a
    ~70k-parameter MLP and a ~1.7M-parameter one (the size of the Nature CNN).
 2. Training throughput of 2 local nodes with gossip on vs off (target >= 0.95).
-3. `gossipdqn local -n 4` on CartPole vs one node: env steps and seconds to 475, final evals.
+3. `gossipdqn local -n 4` on CartPole vs one node: env steps and seconds to 475 and the final
+   20-episode evaluation, every node stopping at the threshold as in bench_single.py.
 
     python experiments/bench_gossip.py --json experiments/results/bench_gossip.json
 """
@@ -114,8 +115,8 @@ def throughput_on_off(repeats: int, steps: int) -> dict:
 
 
 def four_vs_one(steps: int) -> dict:
-    """CartPole: 4 gossip nodes vs 1 node at the same per-node budget."""
-    sets = [f"train.total_steps={steps}"]
+    """CartPole: 4 gossip nodes vs 1 node, each stopping at 475 (the single-node protocol)."""
+    sets = [f"train.total_steps={steps}", "train.stop_at_threshold=true"]
     four = local_run(4, sets)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "gossipdqn", "train", "--quiet", "--run-dir", tmp]
