@@ -361,6 +361,8 @@ class Gossip:
             "gossip_recv_bytes": stats.bytes_received,
             "gossip_sent_bytes_per_s": stats.bytes_sent / elapsed,
             "gossip_recv_bytes_per_s": stats.bytes_received / elapsed,
+            "gossip_sent_msgs_per_s": stats.messages_sent / elapsed,
+            "gossip_recv_msgs_per_s": stats.messages_received / elapsed,
             "gossip_sent_msgs": stats.messages_sent,
             "gossip_recv_msgs": stats.messages_received,
             "gossip_round": self.round,
