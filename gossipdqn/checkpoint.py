@@ -40,6 +40,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to a temp file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name + ".*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a writer killed mid-write; one writer per path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
