@@ -152,16 +152,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         raise UsageError(f"-n {args.n}: expected at least 1 node")
     cfg = resolve_config(args)
     run_dir = args.resume or args.run_dir or resolve_run_dir(args, cfg)
-    passthrough = [a for o in args.overrides for a in ("--set", o)]
-    for flag, value in (
-        ("--config", args.config),
-        ("--seed", args.seed),
-        ("--device", args.device),
-    ):
-        if value is not None and args.resume is None:
-            passthrough += [flag, str(value)]
-    if args.quiet:
-        passthrough.append("--quiet")
+    passthrough = forwarded_options(args)
     if not args.quiet:
         print(f"gossipdqn: {args.n} nodes training {cfg.env.id} into {run_dir}", flush=True)
     code = run_local(
@@ -172,15 +163,17 @@ def cmd_local(args: argparse.Namespace) -> int:
     return code
 
 
-def baseline_passthrough(args: argparse.Namespace) -> list[str]:
-    """The run options a baseline hands on to each of its processes."""
+def forwarded_options(args: argparse.Namespace) -> list[str]:
+    """The run options a launcher hands on to each process it starts (a resumed run keeps
+    its saved config, so only --set and --quiet travel then)."""
     out = [a for o in args.overrides for a in ("--set", o)]
     for flag, value in (
         ("--config", args.config),
         ("--seed", args.seed),
         ("--device", args.device),
     ):
-        out += [flag, str(value)] if value is not None else []
+        if value is not None and args.resume is None:
+            out += [flag, str(value)]
     return out + (["--quiet"] if args.quiet else [])
 
 
@@ -199,7 +192,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         run_node(Node(cfg, run_dir / "node-0", quiet=args.quiet, label="[single]"), args)
         run.write_summary(run_dir, "single", [0], {"actors_scale": args.actors_scale})
         return 0
-    passthrough = baseline_passthrough(args)
+    passthrough = forwarded_options(args)
     if args.mode == "ps":
         commands = run.ps_commands(args.n, run_dir, passthrough, args.pull_every)
         codes, _ = run.run_group(commands, stop, workers=slice(1, None))
@@ -246,7 +239,7 @@ def add_baseline_parsers(sub: argparse._SubParsersAction) -> None:
     single.add_argument("--actors-scale", type=int, default=1, help="actors and budgets times N")
     ps = modes.add_parser("ps", help="a parameter server and N workers (Gorila style)")
     ps.add_argument("-n", type=int, default=2, help="number of workers (default 2)")
-    ps.add_argument("--pull-every", type=int, default=20, help="updates between parameter pulls")
+    ps.add_argument("--pull-every", type=int, default=1, help="updates between parameter pulls")
     allreduce = modes.add_parser(
         "allreduce", help="N workers averaging gradients (torch.distributed)"
     )
@@ -264,7 +257,7 @@ def add_baseline_parsers(sub: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--hosts", help="torchrun style: peers from this hosts file, rank from RANK"
     )
-    worker.add_argument("--pull-every", type=int, default=20, help="ps: updates between pulls")
+    worker.add_argument("--pull-every", type=int, default=1, help="ps: updates between pulls")
     add_run_arguments(worker)
     worker.set_defaults(func=cmd_baseline_worker)
 

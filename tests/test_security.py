@@ -63,14 +63,19 @@ def test_missing_keys_refuse_to_start_with_a_clear_error(
     assert "gossipdqn keys generate" in capsys.readouterr().err
 
 
-def attack(peers: list[str], keys_dir: Path, strangers_dir: Path, context: zmq.Context) -> int:
+def attack(
+    peers: list[str], keys_dir: Path, strangers_dir: Path, context: zmq.Context, fakes: list
+) -> int:
     """A stranger key, a plain client and raw bytes at node 1, each with messages that would be
     accepted were they let in; then a client with rank 2's key claiming to be node 0 (dropped).
+    The fake peers go into `fakes`: the caller closes them once their messages had time to
+    arrive (a garbage-collected socket closes at once and drops its queue).
     Returns how many messages the last one sent."""
     target, server_key = peers[1], load_node_keys(keys_dir, 1).public
     stranger = FakePeer(0, run_id_of(peers), context, keys=load_node_keys(strangers_dir, 0))
     plain = FakePeer(0, run_id_of(peers), context)
     liar = FakePeer(0, run_id_of(peers), context, keys=load_node_keys(keys_dir, 2))
+    fakes += [stranger, plain, liar]
     for fake in (stranger, plain, liar):
         fake.connect(target, server_key)
     host, port = target.rsplit(":", 1)
@@ -93,24 +98,27 @@ def test_curve_nodes_exchange_and_let_nothing_else_in(tmp_path: Path, context: z
     assert main(["keys", "generate", str(strangers_dir), "--nodes", "1"]) == 0
     peers = addresses(3)  # rank 2 never runs; its key is held by the liar
     a, b = nodes = build(tmp_path, peers, [0, 1], [f'security.keys_dir="{keys_dir}"'])
+    fakes: list[FakePeer] = []
     try:
         both = lambda: all(  # noqa: E731
             n.exchange.counts.received[k] > 0 for n in nodes for k in ("params", "experience")
         )
         assert step_until(nodes, both, timeout_s=30), "CURVE peers did not exchange"
-        lied = attack(peers, keys_dir, strangers_dir, context)
+        lied = attack(peers, keys_dir, strangers_dir, context, fakes)
         honest_before = b.exchange.peers[0].accepted
         more = lambda: b.exchange.peers[0].accepted > honest_before + 10  # noqa: E731
         assert step_until(nodes, more, timeout_s=30), "the honest peer stopped arriving"
         sent, received = a.exchange.transport.stats, b.exchange.transport.stats
         mismatched = lambda: b.exchange.counts.dropped["sender_mismatch"] == lied  # noqa: E731
-        assert step_until([b], mismatched, timeout_s=10), (b.exchange.counts, received())
+        assert step_until([b], mismatched, timeout_s=10), (b.exchange.counts.dropped, received())
         settled = lambda: received().messages_received == sent().messages_sent + lied  # noqa: E731
         assert step_until([b], settled, timeout_s=10), (received(), sent())
         assert b.exchange.peers[2].accepted == 0
         assert sum(b.exchange.counts.dropped.values()) == lied
         assert np.isfinite(params_of(b).numpy()).all()
     finally:
+        for fake in fakes:
+            fake.close()
         close_all(nodes)
 
 

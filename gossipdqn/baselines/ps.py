@@ -196,8 +196,9 @@ def run_server(
 class ServerExchange:
     """A worker's side (implements node.Exchange): gradients out, the server's parameters in."""
 
-    def __init__(self, link: Link, stop: threading.Event) -> None:
+    def __init__(self, link: Link, stop: threading.Event, *, pull_every: int = 1) -> None:
         self.link, self.stop, self.cfg = link, stop, link.cfg
+        self.pull_every = pull_every
         self.lost: str | None = None
         self.dropped: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
@@ -235,9 +236,26 @@ class ServerExchange:
             self.counts[f"sent_{kind.name.lower()}"] += 1
 
     def _send_gradients(self, learner: Learner) -> None:
-        """The gradient handler: the flat gradients go to the server; no local step."""
+        """The gradient handler: the flat gradients go to the server; no local step.
+
+        Every `pull_every` gradients the server answers with its parameters, and the worker
+        waits for them (at most `gossip.peer_timeout_s`): gradients are never computed on
+        parameters more than `pull_every` updates old, and no worker floods the server.
+        """
         grads = flatten([p.grad for p in self.params]).cpu().numpy()
         self._send(Kind.GRADIENTS, {"grads": grads})
+        if (learner.updates + 1) % self.pull_every == 0:
+            self._await_params()
+
+    def _await_params(self) -> None:
+        loaded = self.counts["params_loaded"]
+        deadline = time.monotonic() + self.cfg.peer_timeout_s
+        while self.counts["params_loaded"] == loaded and not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return  # the silence check in after_env_step reports a dead server
+            self.link.transport.wait(min(remaining, self.cfg.heartbeat_s))
+            self._poll()
 
     def _poll(self) -> None:
         """Take what arrived; load the newest parameters among it."""

@@ -146,7 +146,7 @@ def _run_node(node: Node, exchange: Any, stop: threading.Event) -> int:
 
 def run_worker(
     role: str, cfg: Config, run_dir: Path, rank: int, peers: list[str], *,
-    stop: threading.Event, bind: str | None = None, quiet: bool = False, pull_every: int = 20,
+    stop: threading.Event, bind: str | None = None, quiet: bool = False, pull_every: int = 1,
 ) -> int:  # fmt: skip
     """One process of a baseline: the PS server, a PS worker or an all-reduce worker."""
     run_id = default_run_id(cfg.name, peers)
@@ -174,7 +174,7 @@ def run_worker(
         except BaseException:
             node.close()
             raise
-        return _run_node(node, ServerExchange(link, stop), stop)
+        return _run_node(node, ServerExchange(link, stop, pull_every=pull_every), stop)
     timeout_s = max(60.0, 6 * cfg.gossip.peer_timeout_s)
     exchange = AllReduceExchange(rank, world, peers[0], stop, timeout_s=timeout_s)
     return _run_node(node, exchange, stop)
