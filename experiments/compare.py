@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=Path("experiments/results/compare"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--pull-every", type=int, default=20, help="ps: updates between pulls")
+    parser.add_argument("--pull-every", type=int, default=1, help="ps: updates between pulls")
     parser.add_argument("--no-robustness", action="store_true", help="skip the killed runs")
     args = parser.parse_args(argv)
     sets = [*DEFAULT_SETS, *args.overrides]
