@@ -69,6 +69,8 @@ class RemoteSettings:
     env: tuple[tuple[str, str], ...] = ()
     node_args: tuple[str, ...] = ()
     grace: float = 15.0
+    command: tuple[str, ...] = ("node",)
+    """The gossipdqn subcommand each host runs: a gossip node, or an all-reduce worker."""
 
     def shell(self, argv: Sequence[str]) -> str:
         """`cd DIR && exec env K=V ... ARGV` for the remote login shell."""
@@ -91,7 +93,7 @@ class LaunchPlan:
     def node_command(self, node: NodeAddress) -> list[str]:
         """The exact local argv that starts `node` on its host."""
         remote = self.remote
-        argv = [remote.python, "-m", "gossipdqn", "node", "--rank", str(node.rank)]
+        argv = [remote.python, "-m", "gossipdqn", *remote.command, "--rank", str(node.rank)]
         argv += ["--peers", ",".join(n.peer for n in self.nodes)]
         argv += ["--run-dir", remote.node_dir(node.rank), "--bind", node.bind]
         argv += ["--device", node.device] if node.device else []
@@ -148,6 +150,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         tuple(args.env),
         tuple(node_args),
         args.stop_timeout,
+        ("baseline-worker", "--role", "allreduce") if args.baseline == "allreduce" else ("node",),
     )
     return LaunchPlan(tuple(nodes), ssh, remote)
 
@@ -366,6 +369,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--set", action="append", default=[], help="section.key=value for every node")
     add("--seed", type=int, help="seed passed to every node")
     add("--quiet", action="store_true", help="no progress lines from the nodes")
+    add(
+        "--baseline",
+        choices=("allreduce",),
+        help="start the all-reduce baseline's workers on these hosts instead of gossip nodes",
+    )
     add("--keep-going", action="store_true", help="a node's failure does not stop the others")
     add("--stop-timeout", type=float, default=15.0, help="seconds a node gets to stop cleanly")
     add("--dry-run", action="store_true", help="print the exact ssh commands and exit")

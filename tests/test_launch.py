@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from sshd_fixture import SshServer, sshd  # noqa: F401  (the fixture)
 
+from gossipdqn.checkpoint import load_checkpoint
 from gossipdqn.launch import (
     PIDFILE,
     add_launch_arguments,
@@ -405,3 +407,25 @@ def test_e2e_killed_node_stops_the_run(workdir: Path, sshd: SshServer) -> None: 
     os.killpg(groups[2], signal.SIGKILL)
     assert finish(proc, timeout=60) != 0
     assert_nothing_left(workdir, groups)
+
+
+def test_e2e_allreduce_baseline_over_ssh(workdir: Path, sshd: SshServer) -> None:  # noqa: F811
+    require_node_command()
+    settings = [
+        "env.id=CartPole-v1", "train.total_steps=400", "env.num_envs=2",
+        "network.hidden=[16,16]", "learner.learning_starts=100", "learner.batch_size=16",
+        "eval.every_steps=0", "eval.final_episodes=1", "checkpoint.every_steps=0",
+    ]  # fmt: skip
+    sets = [word for setting in settings for word in ("--set", setting)]
+    argv = launch_argv(workdir, sshd, sys.executable, "--quiet", "--baseline", "allreduce", *sets)
+    proc = start_launcher(workdir, argv)
+    assert finish(proc, timeout=120) == 0, (workdir / "launch.log").read_text()[-3000:]
+    nets = [
+        load_checkpoint(workdir / "run" / f"node-{rank}" / "checkpoint.pt")["learner"]["online"]
+        for rank in range(3)
+    ]
+    assert nets[0].keys() == nets[1].keys() == nets[2].keys()
+    for name in nets[0]:
+        assert torch.equal(nets[0][name], nets[1][name]) and torch.equal(
+            nets[0][name], nets[2][name]
+        )
