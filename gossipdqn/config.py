@@ -204,7 +204,7 @@ class FaultsConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = setting("run", "run name, used in the default run directory")
+    name: str = setting("cartpole", "run name, used in the default run directory")
     seed: int = setting(0, "seed of environments, networks and sampling", low=0)
     env: EnvConfig = field(default_factory=EnvConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
