@@ -14,6 +14,7 @@ loop vs the raw vector env with random actions, and the learner vs a bare PyTorc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -32,6 +33,7 @@ from gossipdqn.losses import td_loss, td_targets
 from gossipdqn.networks import build_q_network
 from gossipdqn.node import Node
 from gossipdqn.replay import ReplayBuffer
+from gossipdqn.types import Transitions
 
 CONFIG = Path(__file__).parent / "configs" / "cartpole.toml"
 EVAL_EVERY, EVAL_EPISODES, FINAL_EPISODES, THRESHOLD = 2_000, 10, 20, 475.0
@@ -105,38 +107,50 @@ def run_sb3(seed: int, budget: int) -> dict:
     return out | {"final_eval": final, "train_s": train_s}
 
 
-def actor_ratio(cfg: Config, steps: int) -> dict:
-    """Env steps/s of the actor loop (policy, epsilon, n-step) vs random actions on the same env."""
-    env = make_vector_env(cfg.env)
+def interleaved(first, second, rounds: int) -> tuple[float, float]:
+    """Median CPU seconds of two callables, alternated: load from other processes hits neither."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            began = time.process_time()
+            fn()
+            out.append(time.process_time() - began)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def actor_ratio(cfg: Config, steps: int, rounds: int) -> dict:
+    """Env steps/s of the actor loop (policy, epsilon, n-step, replay add) vs random actions."""
+    raw_env, env = make_vector_env(cfg.env), make_vector_env(cfg.env)
     spec = spec_of(env)
     rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    began = time.perf_counter()
-    for _ in range(steps):
-        env.step(rng.integers(0, spec.n_actions, env.num_envs))
-    raw = steps * env.num_envs / (time.perf_counter() - began)
+    raw_env.reset(seed=0)
     learner = Learner(spec, cfg.network, cfg.learner, seed=0)
     actors = Actors(env, spec, cfg.actor, n_step=cfg.replay.n_step, gamma=0.99, seed=0)
     replay = ReplayBuffer(cfg.replay.capacity, spec.obs_shape, spec.obs_dtype)
-    began = time.perf_counter()
-    done = 0
-    for _ in range(steps):
-        out = actors.step(learner.q_values)
-        replay.add(out.transitions)
-        done += env.num_envs
-    ours = done / (time.perf_counter() - began)
+
+    def raw() -> None:
+        for _ in range(steps):
+            raw_env.step(rng.integers(0, spec.n_actions, raw_env.num_envs))
+
+    def ours() -> None:
+        for _ in range(steps):
+            replay.add(actors.step(learner.q_values).transitions)
+
+    raw_s, ours_s = interleaved(raw, ours, rounds)
+    raw_env.close()
     actors.close()
-    return {"raw_env_steps_per_s": raw, "actor_env_steps_per_s": ours, "ratio": ours / raw}
+    n = steps * cfg.env.num_envs
+    return {"num_envs": cfg.env.num_envs, "raw_env_steps_per_s": n / raw_s,
+            "actor_env_steps_per_s": n / ours_s, "ratio": raw_s / ours_s}  # fmt: skip
 
 
-def bare_update_loop(net, target, optimizer, batch, updates: int) -> float:
-    """The same Double DQN update written as a plain PyTorch loop; updates/s."""
+def bare_update_loop(net, target, optimizer, batch, updates: int, target_every: int) -> None:
+    """The same Double DQN update written as a plain PyTorch loop."""
     obs, next_obs = torch.from_numpy(batch.obs), torch.from_numpy(batch.next_obs)
     actions = torch.from_numpy(batch.actions)
     rewards, discounts = torch.from_numpy(batch.rewards), torch.from_numpy(batch.discounts)
     weights = torch.from_numpy(batch.weights)
-    began = time.perf_counter()
-    for _ in range(updates):
+    for i in range(updates):
         with torch.no_grad():
             targets = td_targets(rewards, discounts, target(next_obs), net(next_obs))
         q = net(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
@@ -145,11 +159,12 @@ def bare_update_loop(net, target, optimizer, batch, updates: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         optimizer.step()
-    return updates / (time.perf_counter() - began)
+        if (i + 1) % target_every == 0:
+            target.load_state_dict(net.state_dict())
 
 
-def learner_ratio(cfg: Config, updates: int) -> dict:
-    """Updates/s of Learner.step vs the bare loop, same network and batch."""
+def learner_ratio(cfg: Config, updates: int, rounds: int) -> dict:
+    """Updates/s of Learner.step vs the bare loop, same network, batch and target schedule."""
     env = make_vector_env(cfg.env)
     spec = spec_of(env)
     env.close()
@@ -157,24 +172,24 @@ def learner_ratio(cfg: Config, updates: int) -> dict:
     rng = np.random.default_rng(0)
     n = 10_000
     obs = rng.normal(size=(n, *spec.obs_shape)).astype(np.float32)
-    from gossipdqn.types import Transitions
-
     replay.add(Transitions(obs, rng.integers(0, 2, n), rng.normal(size=n).astype(np.float32),
                            obs, np.full(n, 0.97, np.float32)))  # fmt: skip
     batch = replay.sample(cfg.learner.batch_size)
     learner = Learner(spec, cfg.network, cfg.learner, seed=0)
-    for _ in range(50):
-        learner.step(batch)
-    began = time.perf_counter()
-    for _ in range(updates):
-        learner.step(batch)
-    ours = updates / (time.perf_counter() - began)
     net = build_q_network(spec, cfg.network)
     target = build_q_network(spec, cfg.network).requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learner.lr)
-    bare_update_loop(net, target, optimizer, batch, 50)
-    bare = bare_update_loop(net, target, optimizer, batch, updates)
-    return {"learner_updates_per_s": ours, "bare_updates_per_s": bare, "ratio": ours / bare}
+
+    def ours() -> None:
+        for _ in range(updates):
+            learner.step(batch)
+
+    def bare() -> None:
+        bare_update_loop(net, target, optimizer, batch, updates, cfg.learner.target_every)
+
+    ours_s, bare_s = interleaved(ours, bare, rounds)
+    return {"learner_updates_per_s": updates / ours_s, "bare_updates_per_s": updates / bare_s,
+            "ratio": bare_s / ours_s}  # fmt: skip
 
 
 def median(values: list) -> float | None:
@@ -221,8 +236,12 @@ def main() -> None:
             rows["sb3"].append(run_sb3(seed, args.budget))
             print("sb3      ", seed, rows["sb3"][-1], flush=True)
     result = report({k: v for k, v in rows.items() if v})
-    result["actor_loop"] = median_of(lambda: actor_ratio(cfg, 2_000), 5)
-    result["learner"] = median_of(lambda: learner_ratio(cfg, 1_000), 5)
+    result["actor_loop"] = [
+        actor_ratio(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, num_envs=n)),
+                    200, 15)
+        for n in (8, 32, 128)
+    ]  # fmt: skip
+    result["learner"] = learner_ratio(cfg, 100, 15)
     result["threads"] = args.threads
     print(json.dumps({k: v for k, v in result.items() if k not in ("gossipdqn", "sb3")}, indent=2))
     for name in ("gossipdqn", "sb3"):
@@ -231,12 +250,6 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def median_of(measure, repeats: int) -> dict:
-    """Repeat a ratio measurement, keeping the median of every figure."""
-    samples = [measure() for _ in range(repeats)]
-    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
 if __name__ == "__main__":
