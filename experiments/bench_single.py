@@ -182,7 +182,7 @@ def learner_ratio(cfg: Config, updates: int, rounds: int) -> dict:
 
     def ours() -> None:
         for _ in range(updates):
-            learner.step(batch)
+            learner.step(batch, td_errors=False)  # uniform replay: the node skips them too
 
     def bare() -> None:
         bare_update_loop(net, target, optimizer, batch, updates, cfg.learner.target_every)

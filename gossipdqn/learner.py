@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import queue
@@ -66,9 +67,15 @@ class Learner:
         *arrays, indices = batch
         return SampledBatch(*(_to_device(a, self.device) for a in arrays), indices)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast when `learner.bf16`, else nothing (not even a disabled autocast)."""
+        if self.cfg.bf16:
+            return torch.autocast(self.device.type, torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _loss(self, batch: SampledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weighted TD loss, TD errors, mean Q of the taken actions) of a device batch."""
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.bf16):
+        with self.autocast():
             with torch.no_grad():
                 next_target = self.target(batch.next_obs).float()
                 next_online = self.online(batch.next_obs).float() if self.cfg.double else None
@@ -89,9 +96,11 @@ class Learner:
             self.gradient_handler(self)
         self.updates += 1
         self._update_target()
-        self.stats += torch.stack([loss.detach(), mean_q])
         errors = errors.detach().abs().cpu().numpy() if td_errors else np.zeros(0, np.float32)
         every = self.cfg.metrics_every
+        if every == 1:
+            return UpdateResult(loss.item(), mean_q.item(), errors)
+        self.stats += torch.stack([loss.detach(), mean_q])
         if self.updates % every:
             return UpdateResult(math.nan, math.nan, errors)
         stats = (self.stats / every).cpu().numpy()
