@@ -159,8 +159,20 @@ def cmd_local(args: argparse.Namespace) -> int:
         args.n, run_dir, passthrough, stop_on_signals(), resume=args.resume is not None
     )
     if not args.quiet:
-        print((run_dir / "summary.json").read_text())
+        print_local_summary(json.loads((run_dir / "summary.json").read_text()))
     return code
+
+
+def print_local_summary(summary: dict) -> None:
+    """One line per node: exit code, final evaluation, env steps and seconds to the threshold."""
+    for node in summary["nodes"]:
+        s = node["summary"] or {}
+        print(
+            f"[node {node['rank']}] exit {node['exit_code']}  "
+            f"final eval {s.get('final_eval_return_mean')}  "
+            f"steps to threshold {s.get('steps_to_threshold')}  "
+            f"seconds to threshold {s.get('seconds_to_threshold')}"
+        )
 
 
 def forwarded_options(args: argparse.Namespace) -> list[str]:
