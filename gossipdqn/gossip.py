@@ -22,7 +22,6 @@ from gossipdqn.mixing import (
     AdaptiveClipThreshold,
     consensus_distance,
     flatten,
-    push_sum_share,
     robust_filter,
 )
 from gossipdqn.replay import ReplayBuffer
@@ -273,14 +272,14 @@ class Gossip:
         targets = [r for r in self._round_targets() if self.transport.queued(r) == 0]
         if not targets or self.learner is None:
             return
-        theta = flatten(list(self.learner.online.parameters())).cpu()
+        part = self.weight / (len(targets) + 1)  # push-sum: keep one part, send one to each
+        if self.cfg.mixing == "push_sum" and part < MIN_WEIGHT_SHARE / self.world:
+            self.weight_waits += 1
+            return
+        theta = flatten(list(self.learner.online.parameters())).cpu()  # a fresh snapshot
         if self.cfg.mixing == "push_sum":
-            share = push_sum_share(theta, self.weight, len(targets))
-            if share.weight < MIN_WEIGHT_SHARE / self.world:
-                self.weight_waits += 1
-                return
-            self.weight = float(share.weight)
-            payload, meta = share.payload.numpy(), {"w": float(share.weight)}
+            self.weight = part
+            payload, meta = theta.mul_(part).numpy(), {"w": part}  # the share w/(d+1)·θ, in place
         else:
             payload, meta = theta.numpy(), {}
         frames = self._message(Kind.PARAMS, {"params": payload}, round=self.round, **meta)
