@@ -22,6 +22,8 @@ from gossipdqn.mixing import (
     AdaptiveClipThreshold,
     consensus_distance,
     flatten,
+    push_sum_part,
+    push_sum_share,
     robust_filter,
 )
 from gossipdqn.replay import ReplayBuffer
@@ -272,14 +274,15 @@ class Gossip:
         targets = [r for r in self._round_targets() if self.transport.queued(r) == 0]
         if not targets or self.learner is None:
             return
-        part = self.weight / (len(targets) + 1)  # push-sum: keep one part, send one to each
+        part = push_sum_part(self.weight, len(targets))
         if self.cfg.mixing == "push_sum" and part < MIN_WEIGHT_SHARE / self.world:
             self.weight_waits += 1
-            return
+            return  # checked before the snapshot, so a waiting round copies nothing
         theta = flatten(list(self.learner.online.parameters())).cpu()  # a fresh snapshot
         if self.cfg.mixing == "push_sum":
-            self.weight = part
-            payload, meta = theta.mul_(part).numpy(), {"w": part}  # the share w/(d+1)·θ, in place
+            share = push_sum_share(theta, self.weight, len(targets), in_place=True)
+            self.weight = float(share.weight)
+            payload, meta = share.payload.numpy(), {"w": float(share.weight)}
         else:
             payload, meta = theta.numpy(), {}
         frames = self._message(Kind.PARAMS, {"params": payload}, round=self.round, **meta)

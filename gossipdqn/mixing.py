@@ -45,12 +45,18 @@ class PushSumShare(NamedTuple):
     weight: Weight
 
 
+def push_sum_part(weight: Weight, n_targets: int | torch.Tensor) -> Weight:
+    """The weight of each of the n_targets+1 equal parts a push-sum sender splits into."""
+    return weight / (n_targets + 1)
+
+
 def push_sum_share(
-    theta: torch.Tensor, weight: Weight, n_targets: int | torch.Tensor
+    theta: torch.Tensor, weight: Weight, n_targets: int | torch.Tensor, *, in_place: bool = False
 ) -> PushSumShare:
-    """Split the mass w*theta into n_targets+1 equal parts; theta itself is left unchanged."""
-    part = weight / (n_targets + 1)
-    return PushSumShare(payload=theta * part, weight=part)
+    """Split the mass w*theta into n_targets+1 equal parts; theta is left unchanged unless
+    `in_place` (for a snapshot the caller no longer needs, saving a copy of the model)."""
+    part = push_sum_part(weight, n_targets)
+    return PushSumShare(payload=theta.mul_(part) if in_place else theta * part, weight=part)
 
 
 def push_sum_receive(
