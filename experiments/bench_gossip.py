@@ -1,6 +1,6 @@
 """Gossip benchmark, every figure measured side by side in one run on this machine.
 
-1. One gossip round (flatten, push-sum share, encode, send, receive, validate, mix) between two
+1. One gossip round (snapshot, encode, send, receive, validate, mix) between two
    live nodes vs a raw ZeroMQ + msgpack transfer of the same bytes (target ratio <= 1.3), for a
    ~70k-parameter MLP and a ~1.7M-parameter one (the size of the Nature CNN).
 2. Training throughput of 2 local nodes with gossip on vs off (target >= 0.95).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,12 +20,13 @@ from gossipdqn.learner import Learner
 from gossipdqn.mixing import (
     AdaptiveClipThreshold,
     consensus_distance,
-    flatten,
+    pairwise_average,
+    push_sum_mix_,
     push_sum_part,
-    push_sum_share,
     robust_filter,
 )
 from gossipdqn.replay import ReplayBuffer
+from gossipdqn.snapshots import SnapshotPool
 from gossipdqn.topology import out_peers
 from gossipdqn.transport import Inbound, Transport
 from gossipdqn.types import EnvSpec, Transitions
@@ -39,7 +39,7 @@ from gossipdqn.validate import (
     check_params,
     experience_bytes,
 )
-from gossipdqn.wire import Kind, Message, WireError, decode, encode, limits_for
+from gossipdqn.wire import Kind, Message, WireError, decode, encode, limits_for, readonly_tensor
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Peer:
     last_seq: int = -1
     last_round: int = -1
     params: torch.Tensor | None = None
-    params_weight: float = 1.0
+    """The peer's latest de-biased parameters (a read-only view of its message)."""
     last_logged: float = -1e9
     accepted: int = 0
 
@@ -112,7 +112,8 @@ class Gossip:
 
     def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
         self.learner, self.replay = learner, replay
-        self.n_params = sum(p.numel() for p in learner.online.parameters())
+        self.n_params = learner.online_flat.numel()
+        self.snapshots = SnapshotPool(learner.online_flat)
         largest = max(4 * self.n_params, experience_bytes(self.spec, self._max_transitions()))
         self.limits = replace(
             self.limits, max_total_bytes=min(self.limits.max_total_bytes, largest + 1024)
@@ -266,29 +267,30 @@ class Gossip:
         return targets
 
     def _send_params(self) -> None:
-        """One round: a push-sum share (or plain θ) to each out-peer whose queue is idle.
+        """One round: θ (with a push-sum weight share) to each out-peer whose queue is idle.
 
-        A peer still busy with earlier messages is skipped this round rather than queued for,
-        so push-sum mass leaves only in messages that go out, never in ones dropped as stale.
+        The message carries de-biased θ and the share's weight v, not the mass v·θ: the snapshot
+        is the only pass over the model on this side, and the receiver mixes in one. A peer still
+        busy with earlier messages is skipped this round rather than queued for, so push-sum
+        weight leaves only in messages that go out, never in ones dropped as stale.
         """
         targets = [r for r in self._round_targets() if self.transport.queued(r) == 0]
         if not targets or self.learner is None:
             return
-        part = push_sum_part(self.weight, len(targets))
-        if self.cfg.mixing == "push_sum" and part < MIN_WEIGHT_SHARE / self.world:
-            self.weight_waits += 1
-            return  # checked before the snapshot, so a waiting round copies nothing
-        theta = flatten(list(self.learner.online.parameters())).cpu()  # a fresh snapshot
+        meta = {}
         if self.cfg.mixing == "push_sum":
-            share = push_sum_share(theta, self.weight, len(targets), in_place=True)
-            self.weight = float(share.weight)
-            payload, meta = share.payload.numpy(), {"w": float(share.weight)}
-        else:
-            payload, meta = theta.numpy(), {}
-        frames = self._message(Kind.PARAMS, {"params": payload}, round=self.round, **meta)
-        refused = sum(not self._send(rank, Kind.PARAMS, frames) for rank in targets)
+            part = float(push_sum_part(self.weight, len(targets)))
+            if part < MIN_WEIGHT_SHARE / self.world:
+                self.weight_waits += 1
+                return  # checked before the snapshot, so a waiting round copies nothing
+            meta["w"] = part
+        snapshot = self.snapshots.capture(self.learner.online_flat)
+        params = {"params": snapshot.host.numpy()}
+        frames = self._message(Kind.PARAMS, params, round=self.round, **meta)
+        frames[1] = snapshot.frame  # the same bytes, tracked so the buffer is reused once sent
+        sent = sum(self._send(rank, Kind.PARAMS, frames) for rank in targets)
         if self.cfg.mixing == "push_sum":  # a share that never left is still ours: no mass lost
-            self.weight += refused * float(meta["w"])
+            self.weight = meta["w"] * (len(targets) + 1 - sent)
 
     def _share_experience(self) -> None:
         assert self.replay is not None
@@ -314,40 +316,33 @@ class Gossip:
         self.replay.add(Transitions(**msg.tensors))
 
     def _mix(self, arrivals: list[tuple[Peer, Message]]) -> None:
-        """Mix received parameters into the online net in place, parameter by parameter.
+        """Mix received parameters into the online net in place: one fused op per message.
 
-        Push-sum: θ <- (w·θ + Σy) / (w + Σv), applied one message at a time as
-        θ <- θ·w/(w+v) + y/(w+v). Pairwise: θ <- (θ + θ_peer) / 2. No flat copy of θ is made
-        unless robust mixing needs the de-biased peer parameters.
+        Push-sum: θ <- (w·θ + v·θ_peer) / (w + v), w <- w + v. Pairwise: θ <- (θ + θ_peer) / 2.
+        The online parameters are views of one flat vector, so the whole model mixes at once.
         """
         assert self.learner is not None
-        params = list(self.learner.online.parameters())
+        flat = self.learner.online_flat
         with torch.no_grad():
             for peer, msg in arrivals:
-                weight = float(msg.meta.get("w", 1.0)) if self.cfg.mixing == "push_sum" else 1.0
-                payload = _readonly_tensor(msg.tensors["params"])
-                peer.params, peer.params_weight = payload, weight
-                if self.cfg.robust != "none":
-                    payload = self._robust(params, payload / weight, peer.address)
-                    if payload is None:
-                        continue
-                    payload *= weight
-                pieces = _split_like(payload.to(params[0].device), params)
+                peer.params = readonly_tensor(msg.tensors["params"])
+                peer_theta = self._robust(flat, peer.params, peer.address)
+                if peer_theta is None:
+                    continue
+                peer_theta = peer_theta.to(flat.device, non_blocking=True)
                 if self.cfg.mixing == "push_sum":
-                    total = self.weight + weight
-                    torch._foreach_mul_(params, self.weight / total)
-                    torch._foreach_add_(params, pieces, alpha=1.0 / total)
-                    self.weight = total
+                    self.weight = push_sum_mix_(flat, self.weight, peer_theta, msg.meta["w"])
                 else:
-                    torch._foreach_lerp_(params, pieces, 0.5)
+                    pairwise_average(flat, peer_theta)
         self.learner.sync_actor_net()
 
     def _robust(
-        self, params: list[torch.Tensor], peer_theta: torch.Tensor, source: str
+        self, flat: torch.Tensor, peer_theta: torch.Tensor, source: str
     ) -> torch.Tensor | None:
         """The peer's parameters after `gossip.robust` (clipped toward ours, or None)."""
-        theta = flatten(params).cpu()
-        kept = robust_filter(theta, peer_theta, self.cfg.robust, self.clip, source)
+        if self.cfg.robust == "none":
+            return peer_theta
+        kept = robust_filter(flat.cpu(), peer_theta, self.cfg.robust, self.clip, source)
         if kept is None:
             self.counts.dropped["robust_reject"] += 1
         return kept
@@ -381,25 +376,11 @@ class Gossip:
         return out
 
     def _consensus(self) -> dict[str, float]:
-        latest = [p.params / p.params_weight for p in self.peers.values() if p.params is not None]
+        latest = [p.params for p in self.peers.values() if p.params is not None]
         if self.learner is None or not latest:
             return {}
-        theta = flatten(list(self.learner.online.parameters())).cpu()
-        distance, ratio = consensus_distance(theta, latest)
+        distance, ratio = consensus_distance(self.learner.online_flat.detach().cpu(), latest)
         return {"consensus_distance": distance, "consensus_ratio": ratio}
 
     def close(self) -> None:
         self.transport.close()
-
-
-def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor over a received (read-only) frame buffer, without copying it; never written."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
-def _split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of a flat vector shaped like each parameter."""
-    pieces = torch.split(flat, [p.numel() for p in params])
-    return [piece.view_as(p) for piece, p in zip(pieces, params)]

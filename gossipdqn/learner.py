@@ -15,7 +15,7 @@ import torch
 
 from gossipdqn.config import LearnerConfig, NetworkConfig
 from gossipdqn.losses import td_loss, td_targets
-from gossipdqn.networks import build_q_network
+from gossipdqn.networks import build_q_network, flat_parameters_
 from gossipdqn.types import EnvSpec, SampledBatch
 
 
@@ -51,6 +51,8 @@ class Learner:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.online = build_q_network(spec, net_cfg).to(self.device)
+        self.online_flat = flat_parameters_(self.online)
+        """Every online parameter is a view of this one vector (what gossip snapshots and mixes)."""
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.updates = 0

@@ -68,6 +68,19 @@ def push_sum_receive(
     return total
 
 
+def push_sum_mix_(
+    theta: torch.Tensor, weight: Weight, peer_theta: torch.Tensor, peer_weight: Weight
+) -> Weight:
+    """Mix in a peer's de-biased parameters carrying push-sum weight `peer_weight`, in one pass.
+
+    theta <- (w*theta + v*peer_theta) / (w + v), the same as `push_sum_receive` of the mass
+    v*peer_theta, written as one lerp; returns w + v.
+    """
+    total = weight + peer_weight
+    theta.lerp_(peer_theta, peer_weight / total)
+    return total
+
+
 def push_sum_receive_many(
     theta: torch.Tensor, weight: Weight, messages: Sequence[tuple[torch.Tensor, Weight]]
 ) -> Weight:

@@ -108,6 +108,27 @@ def build_q_network(spec: EnvSpec, cfg: NetworkConfig) -> QNetwork:
     return QNetwork(spec, cfg)
 
 
+def flat_parameters_(net: nn.Module) -> torch.Tensor:
+    """Move every parameter of `net` into one contiguous vector and return it.
+
+    The parameters become views of the vector, so a snapshot is one copy, validation one pass
+    and a gossip mix one fused op over the whole model; optimizers and state dicts see no change.
+    Call it after the net is on its device and before anything keeps references to the old data.
+    """
+    params = list(net.parameters())
+    dtypes = {(p.dtype, p.device) for p in params}
+    if len(dtypes) != 1:
+        found = sorted(map(str, dtypes))
+        raise ValueError(f"flat parameters need one dtype and device, got {found}")
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.data = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+    return flat
+
+
 def fingerprint(net: nn.Module) -> str:
     """A short hash of parameter names, shapes and dtypes: peers must agree on it to mix."""
     text = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in net.state_dict().items())

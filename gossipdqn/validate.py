@@ -60,7 +60,7 @@ def check_hello(msg: Message, fingerprint: str) -> None:
 
 
 def check_params(msg: Message, n_params: int, weights: tuple[float, float] | None) -> float:
-    """One float32 vector of our model's size and bounded values; its push-sum weight.
+    """One float32 vector of our model's size and bounded (de-biased) values; its push-sum weight.
 
     `weights` is the (low, high) range of an honest push-sum weight; None for pairwise mixing.
     """
@@ -70,12 +70,13 @@ def check_params(msg: Message, n_params: int, weights: tuple[float, float] | Non
     round_ = msg.meta.get("round")
     if flat.dtype != np.float32 or not isinstance(round_, int) or round_ < 0:
         raise Rejected("bad_params")
-    weight = msg.meta.get("w", 1.0) if weights is not None else 1.0
+    weight = msg.meta.get("w") if weights is not None else 1.0
     if weights is not None and not (
         isinstance(weight, float) and weights[0] <= weight <= weights[1]
     ):
         raise Rejected("bad_params")
-    if np.abs(flat).max() > MAX_ABS_PARAM * weight:
+    low, high = msg.extrema["params"]  # found in decode's single pass over the values
+    if max(-low, high) > MAX_ABS_PARAM:
         raise Rejected("out_of_bounds")
     return weight
 
@@ -102,9 +103,8 @@ def check_experience(msg: Message, spec: EnvSpec, bounds: ObsBounds, max_n: int)
             raise Rejected("bad_experience")
     if t["actions"].min() < 0 or t["actions"].max() >= spec.n_actions:
         raise Rejected("out_of_bounds")
-    if np.abs(t["rewards"]).max() > MAX_ABS_REWARD:
-        raise Rejected("out_of_bounds")
-    if t["discounts"].min() < 0.0 or t["discounts"].max() > 1.0:
+    rewards, discounts = msg.extrema["rewards"], msg.extrema["discounts"]
+    if max(-rewards[0], rewards[1]) > MAX_ABS_REWARD or discounts[0] < 0.0 or discounts[1] > 1.0:
         raise Rejected("out_of_bounds")
     if not (bounds.contains(t["obs"]) and bounds.contains(t["next_obs"])):
         raise Rejected("out_of_bounds")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
+import torch
 
 from gossipdqn.config import GossipConfig
 
-if TYPE_CHECKING:
-    import torch
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a parameters message carries de-biased parameters beside their push-sum weight."""
 
 DTYPES: Mapping[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
@@ -68,6 +68,8 @@ class Message:
     step: int
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, MetaValue] = field(default_factory=dict)
+    extrema: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(min, max) of each non-empty float tensor, found by `decode`'s finiteness check."""
 
 
 def limits_for(gossip: GossipConfig) -> WireLimits:
@@ -235,17 +237,34 @@ def decode(
         raise WireError("oversized", "tensors exceed max total bytes")
     if expected is not None:
         _check_expected(specs, expected)
-    tensors = {}
+    tensors, extrema = {}, {}
     for (name, dtype, shape, nbytes), frame in zip(specs, frames[1:]):
         buf = _buffer(frame)
         if len(buf) != nbytes:
             raise WireError("frame_length", f"tensor {name!r}: {len(buf)} bytes, expected {nbytes}")
         arr = np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)
         arr.flags.writeable = False
-        if dtype.kind == "f" and not np.isfinite(arr).all():
-            raise WireError("non_finite", f"tensor {name!r}")
+        if dtype.kind == "f" and arr.size:
+            low, high = _finite_extrema(arr)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise WireError("non_finite", f"tensor {name!r}")
+            extrema[name] = (low, high)
         tensors[name] = arr
-    return Message(kind, header["r"], header["s"], header["q"], header["t"], tensors, header["m"])
+    meta = header["m"]
+    return Message(kind, header["r"], header["s"], header["q"], header["t"], tensors, meta, extrema)
+
+
+def _finite_extrema(arr: np.ndarray) -> tuple[float, float]:
+    """(min, max) in one pass; NaN when any value is NaN, so one check also finds non-finite."""
+    low, high = torch.aminmax(readonly_tensor(arr.reshape(-1)))
+    return float(low), float(high)
+
+
+def readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a received (read-only) frame buffer, without copying it; never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def tensors_from_state(named_tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from gossipdqn.mixing import (
     consensus_distance,
     flatten,
     pairwise_average,
+    push_sum_mix_,
     push_sum_receive,
     push_sum_receive_many,
     push_sum_share,
@@ -48,6 +49,18 @@ def test_push_sum_share_and_receive_by_hand() -> None:
     weight = push_sum_receive(theta, share.weight, torch.tensor([1.0, 1.0]).double(), 0.25)
     assert weight == 0.75
     torch.testing.assert_close(theta, torch.tensor([2.5 / 0.75, 4.0 / 0.75], dtype=torch.float64))
+
+
+def test_push_sum_mix_of_de_biased_parameters_equals_receiving_their_mass() -> None:
+    theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert push_sum_mix_(theta, 0.5, torch.tensor([4.0, 8.0]).double(), 0.25) == 0.75
+    assert torch.equal(theta, torch.tensor([2.0, 4.0], dtype=torch.float64))  # (0.5θ + 0.25y)/0.75
+    gen = torch.Generator().manual_seed(1)
+    theta, peer = torch.randn(7, generator=gen), torch.randn(7, generator=gen)
+    by_mass = theta.clone()
+    expected_weight = push_sum_receive(by_mass, 0.6, peer * 0.3, 0.3)
+    assert push_sum_mix_(theta, 0.6, peer, 0.3) == pytest.approx(expected_weight)
+    torch.testing.assert_close(theta, by_mass)
 
 
 def test_receive_many_equals_sequential_receives() -> None:

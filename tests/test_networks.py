@@ -8,7 +8,7 @@ import torch
 
 from gossipdqn.config import LearnerConfig, NetworkConfig
 from gossipdqn.learner import Learner, Prefetcher
-from gossipdqn.networks import build_q_network, fingerprint, network_kind
+from gossipdqn.networks import build_q_network, fingerprint, flat_parameters_, network_kind
 from gossipdqn.replay import ReplayBuffer
 from gossipdqn.types import EnvSpec, Transitions
 
@@ -42,6 +42,30 @@ def test_cnn_on_vectors_is_refused_and_fingerprints_differ():
         build_q_network(VECTOR, NetworkConfig(kind="nature_cnn"))
     a = fingerprint(build_q_network(MINATAR, NetworkConfig(kind="minatar_cnn")))
     assert a != fingerprint(build_q_network(MINATAR, NetworkConfig(kind="mlp")))
+
+
+def test_flat_parameters_are_views_of_one_vector_that_training_updates():
+    net = build_q_network(MINATAR, NetworkConfig(kind="minatar_cnn", dueling=True))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flat = flat_parameters_(net)
+    assert flat.numel() == sum(p.numel() for p in net.parameters()) and flat.is_contiguous()
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name])  # same values, now stored in `flat`
+    flat.zero_()
+    assert all(p.abs().sum() == 0 for p in net.parameters())
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(2, *MINATAR.obs_shape)).sum().backward()
+    optimizer.step()
+    assert flat.abs().sum() > 0  # the optimizer wrote into the flat vector
+    net.load_state_dict(before)
+    assert torch.equal(flat, torch.cat([v.reshape(-1) for v in before.values()]))
+
+
+def test_learner_online_net_lives_in_its_flat_vector():
+    learner = Learner(VECTOR, NetworkConfig(), LearnerConfig(), seed=0)
+    learner.online_flat.fill_(0.25)
+    assert all(torch.all(p == 0.25) for p in learner.online.parameters())
+    assert not any(torch.all(p == 0.25) for p in learner.target.parameters())
 
 
 def filled_replay(spec, n=256):

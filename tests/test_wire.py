@@ -215,6 +215,12 @@ def test_rejects_non_finite(bad: float, dtype: str) -> None:
     assert reason_of(encode(sample(x=arr))) == "non_finite"
 
 
+def test_decode_reports_each_float_tensors_extrema() -> None:
+    arr = np.array([[0.5, -3.25], [7.0, 1.0]], dtype=np.float32)
+    out = decode(encode(sample(x=arr, i=np.arange(3), e=np.zeros(0))), LIMITS, run_id="run-a")
+    assert out.extrema == {"x": (-3.25, 7.0)}  # integer and empty tensors have none
+
+
 def test_encode_rejects_what_it_cannot_send() -> None:
     with pytest.raises(WireError, match="bad_dtype"):
         encode(sample(x=np.zeros(2, np.complex64)))
