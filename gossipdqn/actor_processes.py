@@ -2,19 +2,23 @@
 
 The learner process binds three local sockets in a private temp directory: a PULL that takes
 each actor's vector steps (the actor's PUSH blocks once `actor.queue_steps` are in flight, so a
-learner that holds its replay ratio throttles the actors), a PUB that broadcasts the policy with
-a version every `actor.refresh_every` updates, and (with `actor.inference = "learner"`) a
+learner that holds its replay ratio throttles the actors), an XPUB that broadcasts the policy
+with a version every `actor.refresh_every` updates and again whenever an actor subscribes (so a
+new or restarted actor waits for the learner's current policy before its first step, never
+acting with weights of its own), and (with `actor.inference = "learner"`) a
 ROUTER where a thread answers batched Q-value requests with the learner's own copy on its
 device, as SEED RL does. Messages are `wire` frames, never pickles; a dead actor is restarted.
 """
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,6 +37,9 @@ from gossipdqn.wire import Kind, Message, WireLimits, decode, encode, tensors_fr
 RUN_ID = "actors"
 LIMITS = WireLimits(max_total_bytes=1 << 30)
 REPLY_TIMEOUT_MS = 30_000
+"""How long an actor waits for a Q-value reply or its first policy before it gives up."""
+SUBSCRIBE = 1
+"""First byte of the message an XPUB socket receives when a subscriber joins."""
 _TRANSITION_FIELDS = set(Transitions._fields)
 _STEP_FIELDS = set(VectorStep._fields)
 
@@ -76,6 +83,9 @@ class _LocalPolicy:
         self.actors, self.version = actors, -1
 
     def refresh(self) -> None:
+        """Load the newest policy; before the first one, wait for it."""
+        if self.version < 0 and not self.sub.poll(REPLY_TIMEOUT_MS):
+            raise TimeoutError(f"no policy from the learner within {REPLY_TIMEOUT_MS} ms")
         newest = None
         while self.sub.poll(0):
             newest = self.sub.recv_multipart(copy=False)
@@ -202,19 +212,26 @@ class ActorPool:
     """`actor.processes` actor processes feeding this (learner) process; restarts the dead."""
 
     def __init__(
-        self, cfg: Config, *, frames: bool, inference_net: nn.Module, device: torch.device
+        self, cfg: Config, *, frames: bool, policy: nn.Module, device: torch.device
     ) -> None:
-        self.cfg, self.frames = cfg, frames
+        """`policy` is the learner's online net, read only when `publish` or `receive` run."""
+        self.cfg, self.frames, self.policy = cfg, frames, policy
+        self.version, self.env_steps = 0, 0
         self.dir = Path(tempfile.mkdtemp(prefix="gdqn-"))
         base = f"ipc://{self.dir}"
         self.endpoints = Endpoints(f"{base}/steps", f"{base}/policy", f"{base}/inference")
         self.ctx = zmq.Context()
         self.pull = _socket(self.ctx, zmq.PULL, 4 * cfg.actor.processes * cfg.actor.queue_steps)
         self.pull.bind(self.endpoints.steps)
-        self.pub = _socket(self.ctx, zmq.PUB, 2)
+        self.pub = _socket(self.ctx, zmq.XPUB, 2)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first
         self.pub.bind(self.endpoints.policy)
+        self.poller = zmq.Poller()
+        self.poller.register(self.pull, zmq.POLLIN)
+        self.poller.register(self.pub, zmq.POLLIN)
+        server_net = copy.deepcopy(policy).requires_grad_(False)
         self.server = (
-            InferenceServer(self.ctx, self.endpoints.inference, inference_net, device)
+            InferenceServer(self.ctx, self.endpoints.inference, server_net, device)
             if cfg.actor.inference == "learner" else None
         )  # fmt: skip
         self.spawn = mp.get_context("spawn")
@@ -250,10 +267,21 @@ class ActorPool:
         return dead
 
     def receive(self, timeout_s: float, max_messages: int = 64) -> list[Received]:
-        """The vector steps that arrived, waiting up to `timeout_s` for the first."""
+        """The vector steps that arrived, waiting up to `timeout_s` for the first.
+
+        Actors that subscribed meanwhile get the current policy at once.
+        """
         out: list[Received] = []
-        if not self.pull.poll(int(timeout_s * 1000)):
-            return out
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            events = dict(self.poller.poll(remaining_ms))
+            if self.pub in events:
+                self._answer_subscribers()
+            if self.pull in events:
+                break
+            if not remaining_ms:
+                return out
         while len(out) < max_messages and self.pull.poll(0):
             msg = decode(self.pull.recv_multipart(copy=False), LIMITS, run_id=RUN_ID)
             out.append(self._received(msg))
@@ -274,15 +302,24 @@ class ActorPool:
             transitions, step, t["episode_returns"],
         )  # fmt: skip
 
-    def publish(self, online: nn.Module, version: int, env_steps: int) -> None:
-        """Send the online net's weights to the actors (or the inference thread)."""
+    def publish(self, version: int, env_steps: int) -> None:
+        """Send the policy's current weights to the actors (or the inference thread)."""
+        self.version, self.env_steps = version, env_steps
         if self.server is not None:
-            self.server.load(online.state_dict(), version)
+            self.server.load(self.policy.state_dict(), version)
             return
-        state = tensors_from_state(online.state_dict())
+        state = tensors_from_state(self.policy.state_dict())
         self.pub.send_multipart(
             encode(Message(Kind.PARAMS, RUN_ID, 0, version, env_steps, state)), copy=False
         )
+
+    def _answer_subscribers(self) -> None:
+        """Publish the current policy again once for all actors that just subscribed."""
+        joined = False
+        while self.pub.poll(0):
+            joined |= self.pub.recv()[:1] == bytes([SUBSCRIBE])
+        if joined and self.server is None:
+            self.publish(self.version, self.env_steps)
 
     def close(self) -> None:
         """Stop every actor process, then the sockets; removes the ipc directory."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -106,7 +105,7 @@ class Node:
         if cfg.actor.processes:
             self.pool = ActorPool(
                 cfg, frames=isinstance(self.replay, FrameReplay), device=self.learner.device,
-                inference_net=copy.deepcopy(self.learner.online).requires_grad_(False),
+                policy=self.learner.online,
             )  # fmt: skip
         self.exchange: Exchange | None = None
         self.progress = Progress()
@@ -210,9 +209,7 @@ class Node:
             self.window.mean_qs.append(result.mean_q)
         if self.pool is not None and self.progress.updates % self.cfg.actor.refresh_every == 0:
             with self.timer.phase("publish"):
-                self.pool.publish(
-                    self.learner.online, self.progress.updates, self.progress.env_steps
-                )
+                self.pool.publish(self.progress.updates, self.progress.env_steps)
         if self.exchange is not None:
             with self.timer.phase("gossip"):
                 self.exchange.after_update(self.progress.updates)
@@ -347,6 +344,8 @@ class Node:
         torch.set_rng_state(state["torch_rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        if self.pool is not None:  # actors (and the inference copy) act with the restored net
+            self.pool.publish(self.progress.updates, self.progress.env_steps)
 
     def close(self) -> None:
         if self.prefetcher is not None:

@@ -25,7 +25,7 @@ def make_pool(cfg):
     env = make_vector_env(cfg.env, num_envs=1)
     net = build_q_network(spec_of(env), cfg.network)
     env.close()
-    return ActorPool(cfg, frames=False, inference_net=net, device=torch.device("cpu"))
+    return ActorPool(cfg, frames=False, policy=net, device=torch.device("cpu"))
 
 
 def collect(pool, until, deadline_s=60.0):
@@ -55,16 +55,18 @@ def test_two_actors_deliver_every_step_in_order(inference):
         assert obs.shape[1:] == (4,) and np.isfinite(obs).all()
 
 
-def test_killed_actor_is_restarted():
+def test_killed_actor_is_restarted_and_acts_with_the_current_policy_from_its_first_step():
     pool = make_pool(small_cfg("actor.processes=1"))
     try:
-        assert collect(pool, lambda r: len(r) >= 3)
+        first = collect(pool, lambda r: len(r) >= 3)
+        assert first and first[0].version == 0  # the policy it got on subscribing, not its own
+        pool.publish(version=7, env_steps=0)
         os.kill(pool.procs[0].pid, signal.SIGKILL)
         pool.procs[0].join(timeout=10)
         got = collect(pool, lambda r: any(x.stream != 0 for x in r))
         assert pool.restarts == 1 and pool.incarnations[0] == 1
         fresh = [r for r in got if r.stream == pool.stream_of(0, 1)]
-        assert fresh and fresh[0].seq == 0
+        assert fresh and fresh[0].seq == 0 and fresh[0].version == 7
     finally:
         pool.close()
     assert not pool.procs[0].is_alive()
