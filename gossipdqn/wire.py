@@ -24,6 +24,8 @@ DTYPES: Mapping[str, np.dtype] = {
 }
 """The only dtypes on the wire, always little-endian."""
 
+_ONE_PASS_FROM = 131_072
+"""Float tensors from this many elements get their extrema in one torch pass (see decode)."""
 Buffer = bytes | memoryview
 MetaValue = int | float | str
 
@@ -255,7 +257,13 @@ def decode(
 
 
 def _finite_extrema(arr: np.ndarray) -> tuple[float, float]:
-    """(min, max) in one pass; NaN when any value is NaN, so one check also finds non-finite."""
+    """(min, max), NaN when any value is NaN, so one check also finds non-finite values.
+
+    Large arrays take torch's single pass; small ones numpy's two, which cost less than a call
+    into torch.
+    """
+    if arr.size < _ONE_PASS_FROM:
+        return float(arr.min()), float(arr.max())
     low, high = torch.aminmax(readonly_tensor(arr.reshape(-1)))
     return float(low), float(high)
 

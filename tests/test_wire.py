@@ -219,6 +219,11 @@ def test_decode_reports_each_float_tensors_extrema() -> None:
     arr = np.array([[0.5, -3.25], [7.0, 1.0]], dtype=np.float32)
     out = decode(encode(sample(x=arr, i=np.arange(3), e=np.zeros(0))), LIMITS, run_id="run-a")
     assert out.extrema == {"x": (-3.25, 7.0)}  # integer and empty tensors have none
+    big = np.linspace(-2.0, 3.0, 200_000, dtype=np.float32)  # large: torch's one-pass path
+    assert decode(encode(sample(x=big)), LIMITS, run_id=None).extrema == {"x": (-2.0, 3.0)}
+    for bad in (np.nan, np.inf, -np.inf):
+        big[-1] = bad
+        assert reason_of(encode(sample(x=big))) == "non_finite"
 
 
 def test_encode_rejects_what_it_cannot_send() -> None:
