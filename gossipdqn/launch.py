@@ -1,8 +1,7 @@
 """Start gossipdqn nodes on many hosts over plain ssh, stream their output, stop them all.
 
-Each node runs on its host under a small supervisor (`python -m gossipdqn.launch --pidfile F --
-NODE ARGV`) that puts the node in its own process group, records the group id, and stops the
-whole group when the ssh connection goes away (its stdin reaches end of file) or when signalled.
+Each node runs on its host under `gossipdqn.supervisor`, which puts the node in its own process
+group, records the group id, and stops the whole group when the ssh connection goes away.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -38,8 +36,8 @@ from gossipdqn.hosts import (
     slurm_world,
     torchrun_world,
 )
+from gossipdqn.supervisor import PIDFILE
 
-PIDFILE = "node.pgid"
 VERSION_PROBE = "import gossipdqn; print(gossipdqn.__version__)"
 
 
@@ -98,7 +96,7 @@ class LaunchPlan:
         argv += ["--run-dir", remote.node_dir(node.rank), "--bind", node.bind]
         argv += ["--device", node.device] if node.device else []
         pidfile = f"{remote.node_dir(node.rank)}/{PIDFILE}"
-        wrapper = [remote.python, "-m", "gossipdqn.launch", "--pidfile", pidfile]
+        wrapper = [remote.python, "-m", "gossipdqn.supervisor", "--pidfile", pidfile]
         wrapper += ["--grace", f"{remote.grace:g}", "--"]
         return self.ssh.command(
             node.spec.target, remote.shell([*wrapper, *argv, *remote.node_args])
@@ -411,51 +409,3 @@ def resolve_env_peers(
     """torchrun style: rank from RANK / WORLD_SIZE, peers from a hosts file or inline list."""
     world = torchrun_world(env, load_hosts(hosts), default_port)
     return world.rank, list(world.peers)
-
-
-def supervise(pidfile: Path, argv: Sequence[str], grace: float = 10.0) -> int:
-    """Remote side: run a node in its own process group; stop the group when ssh goes away."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    pidfile.with_suffix(".tmp").write_text(f"{proc.pid}\n")
-    pidfile.with_suffix(".tmp").replace(pidfile)
-    try:
-        while proc.poll() is None and not stop.is_set() and not _at_eof(sys.stdin.fileno(), 0.2):
-            pass
-        if proc.poll() is None:
-            proc.terminate()  # the node stops its own children; the group is killed after
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pidfile.unlink(missing_ok=True)
-    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-
-
-def _at_eof(fd: int, timeout: float) -> bool:
-    """Whether `fd` (ssh's channel) reached end of file, waiting at most `timeout` seconds."""
-    readable, _, _ = select.select([fd], [], [], timeout)
-    return bool(readable) and not os.read(fd, 4096)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m gossipdqn.launch --pidfile F [--grace S] -- NODE ARGV`: the remote supervisor."""
-    parser = argparse.ArgumentParser(prog="python -m gossipdqn.launch")
-    parser.add_argument("--pidfile", type=Path, required=True)
-    parser.add_argument("--grace", type=float, default=10.0)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("expected a command after --")
-    return supervise(args.pidfile, command, args.grace)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

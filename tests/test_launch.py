@@ -22,7 +22,6 @@ from sshd_fixture import SshServer, sshd  # noqa: F401  (the fixture)
 
 from gossipdqn.checkpoint import load_checkpoint
 from gossipdqn.launch import (
-    PIDFILE,
     add_launch_arguments,
     build_plan,
     preflight,
@@ -32,6 +31,7 @@ from gossipdqn.launch import (
     start_nodes,
     stop_nodes,
 )
+from gossipdqn.supervisor import PIDFILE
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = [
@@ -180,7 +180,7 @@ def test_dry_run_prints_exact_commands(capsys: pytest.CaptureFixture[str]) -> No
     peers = "a:5000,a:5001,b:5000"
     for rank, target in enumerate(["bob@a", "bob@a", "b"]):
         remote = (
-            f"cd '/w d' && exec env 'A=1 2' /py -m gossipdqn.launch --pidfile "
+            f"cd '/w d' && exec env 'A=1 2' /py -m gossipdqn.supervisor --pidfile "
             f"runs/x/node-{rank}/node.pgid --grace 15 -- /py -m gossipdqn node --rank {rank} "
             f"--peers {peers} --run-dir runs/x/node-{rank} --bind 0.0.0.0 --config c.toml "
             "--set=train.total_steps=10"
