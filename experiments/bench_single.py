@@ -2,8 +2,9 @@
 
 Both run on this machine with the same torch thread count, seed by seed, alternating, under one
 protocol: every 2,000 env steps a greedy evaluation of 10 episodes on separate environments,
-the threshold (475) met at the first evaluation whose mean reaches it, seconds counting training
-only, the run stopping there, then a final 20-episode greedy evaluation.
+the threshold (475) met when 2 evaluations in a row reach it (`eval.consecutive`, the same rule
+for both), seconds counting training only, the run stopping there, then a final 20-episode greedy
+evaluation.
 SB3 uses RL-Zoo's tuned CartPole-v1 hyperparameters. Also measured in the same run: the actor
 loop vs the raw vector env with random actions, and the learner vs a bare PyTorch loop.
 
@@ -37,6 +38,7 @@ from gossipdqn.types import Transitions
 
 CONFIG = Path(__file__).parent / "configs" / "cartpole.toml"
 EVAL_EVERY, EVAL_EPISODES, FINAL_EPISODES, THRESHOLD = 2_000, 10, 20, 475.0
+CONSECUTIVE = load_config(CONFIG).eval.consecutive
 
 
 def run_gossipdqn(seed: int, budget: int) -> dict:
@@ -69,7 +71,7 @@ def run_sb3(seed: int, budget: int) -> dict:
         def __init__(self) -> None:
             super().__init__()
             self.eval_s, self.start, self.result = 0.0, time.perf_counter(), {}
-            self.evals = 0
+            self.evals, self.in_a_row = 0, 0
 
         def q_values(self, obs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -84,7 +86,8 @@ def run_sb3(seed: int, budget: int) -> dict:
                 self.q_values, env_cfg, EVAL_EPISODES, seed=seed + 7919 * self.evals
             ).mean
             self.eval_s += time.perf_counter() - began
-            if mean >= THRESHOLD:
+            self.in_a_row = self.in_a_row + 1 if mean >= THRESHOLD else 0
+            if self.in_a_row >= CONSECUTIVE:
                 self.result = {
                     "steps_to_threshold": self.num_timesteps,
                     "seconds_to_threshold": began - self.start - self.eval_s,

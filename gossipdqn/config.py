@@ -133,7 +133,7 @@ class LearnerConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     total_steps: int = setting(50_000, "env steps of the whole run", low=1)
-    stop_at_threshold: bool = setting(False, "end the run at the first evaluation that meets it")
+    stop_at_threshold: bool = setting(False, "end the run when the threshold is reached")
     progress_every_s: float = setting(
         2.0, "seconds between progress lines and metric flushes", low=0.1
     )
@@ -146,6 +146,11 @@ class EvalConfig:
     episodes: int = setting(10, "episodes of each periodic evaluation", low=1)
     final_episodes: int = setting(20, "episodes of the final evaluation", low=1)
     threshold: float = setting(475.0, "mean return that counts as solved")
+    consecutive: int = setting(
+        2,
+        "periodic evaluations in a row that must meet the threshold to count as reaching it",
+        low=1,
+    )
     eps: float = setting(0.0, "epsilon of the evaluation policy", low=0.0, high=1.0)
 
 

@@ -61,6 +61,7 @@ class Progress:
     steps_to_threshold: int | None = None
     seconds_to_threshold: float | None = None
     last_eval: float | None = None
+    evals_at_threshold: int = 0
 
 
 @dataclasses.dataclass
@@ -250,7 +251,9 @@ class Node:
     def _periodic_eval(self) -> bool:
         result = self.evaluate(self.cfg.eval.episodes)
         self.progress.last_eval = result.mean
-        reached = result.mean >= self.cfg.eval.threshold
+        met = result.mean >= self.cfg.eval.threshold
+        self.progress.evals_at_threshold = self.progress.evals_at_threshold + 1 if met else 0
+        reached = self.progress.evals_at_threshold >= self.cfg.eval.consecutive
         if reached and self.progress.steps_to_threshold is None:
             self.progress.steps_to_threshold = self.progress.env_steps
             self.progress.seconds_to_threshold = self.progress.train_s

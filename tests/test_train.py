@@ -12,6 +12,7 @@ import torch
 
 from gossipdqn.config import load_config
 from gossipdqn.node import Node
+from gossipdqn.types import EvalResult
 
 
 def make_node(run_dir, overrides, **kw):
@@ -55,18 +56,33 @@ def test_short_run_writes_every_output(tmp_path, tiny_overrides):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
-def test_threshold_is_recorded_and_stops_the_run(tmp_path, tiny_overrides):
-    # CartPole returns are >= 8, so a threshold of 1 is met at the first evaluation
+@pytest.mark.parametrize("consecutive", [1, 2])
+def test_threshold_is_recorded_and_stops_the_run(tmp_path, tiny_overrides, consecutive):
+    # CartPole returns are >= 8, so a threshold of 1 is met at every evaluation (every 400 steps)
     node = make_node(
-        tmp_path, tiny_overrides + ["eval.threshold=1", "train.stop_at_threshold=true"]
+        tmp_path,
+        tiny_overrides
+        + ["eval.threshold=1", "train.stop_at_threshold=true", f"eval.consecutive={consecutive}"],
     )
     try:
         summary = node.run()
     finally:
         node.close()
     assert summary["steps_to_threshold"] == summary["env_steps"]
-    assert 400 <= summary["env_steps"] < 400 + 4
+    assert 400 * consecutive <= summary["env_steps"] < 400 * consecutive + 4
     assert 0 < summary["seconds_to_threshold"] <= summary["wall_s"]
+
+
+def test_threshold_needs_consecutive_evaluations(tmp_path, tiny_overrides):
+    node = make_node(tmp_path, tiny_overrides + ["eval.consecutive=2"])
+    means = iter([500.0, 10.0, 500.0, 500.0])
+    node.evaluate = lambda episodes: EvalResult(next(means), 0.0, ())
+    try:
+        reached = [node._periodic_eval() for _ in range(4)]
+    finally:
+        node.close()
+    assert reached == [False, False, False, True]
+    assert node.progress.steps_to_threshold == node.progress.env_steps
 
 
 def test_checkpoint_resume_restores_counters(tmp_path, tiny_overrides):
