@@ -229,10 +229,11 @@ class ActorPool:
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
-        server_net = copy.deepcopy(policy).requires_grad_(False)
         self.server = (
-            InferenceServer(self.ctx, self.endpoints.inference, server_net, device)
-            if cfg.actor.inference == "learner" else None
+            InferenceServer(
+                self.ctx, self.endpoints.inference, copy.deepcopy(policy).requires_grad_(False),
+                device,
+            ) if cfg.actor.inference == "learner" else None
         )  # fmt: skip
         self.spawn = mp.get_context("spawn")
         self.procs: list[mp.process.BaseProcess | None] = [None] * cfg.actor.processes

@@ -51,12 +51,11 @@ def push_sum_part(weight: Weight, n_targets: int | torch.Tensor) -> Weight:
 
 
 def push_sum_share(
-    theta: torch.Tensor, weight: Weight, n_targets: int | torch.Tensor, *, in_place: bool = False
+    theta: torch.Tensor, weight: Weight, n_targets: int | torch.Tensor
 ) -> PushSumShare:
-    """Split the mass w*theta into n_targets+1 equal parts; theta is left unchanged unless
-    `in_place` (for a snapshot the caller no longer needs, saving a copy of the model)."""
+    """Split the mass w*theta into n_targets+1 equal parts; theta is left unchanged."""
     part = push_sum_part(weight, n_targets)
-    return PushSumShare(payload=theta.mul_(part) if in_place else theta * part, weight=part)
+    return PushSumShare(payload=theta * part, weight=part)
 
 
 def push_sum_receive(
