@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gossipdqn.cluster.local import free_ports, run_local
 from gossipdqn.config import load_config
-from gossipdqn.local import free_ports, run_local
-from gossipdqn.node import gossip_node
+from gossipdqn.node.node import gossip_node
 
 HERE = Path(__file__).parent
 SIZES = {"mlp_70k": [256, 256], "mlp_1.7M": [1290, 1290]}

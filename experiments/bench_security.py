@@ -28,10 +28,10 @@ import numpy as np
 import zmq
 from bench_transport import SIZES, bench_size
 
-from gossipdqn.keys import generate_keys
-from gossipdqn.local import free_ports, node_command, stop_nodes
-from gossipdqn.node import default_run_id
-from gossipdqn.wire import Kind, Message, encode
+from gossipdqn.cluster.local import free_ports, node_command, stop_nodes
+from gossipdqn.net.keys import generate_keys
+from gossipdqn.net.wire import Kind, Message, encode
+from gossipdqn.node.node import default_run_id
 
 TRAIN_SETS = ["train.stop_at_threshold=false", "eval.every_steps=0", "train.log_every_steps=500"]
 

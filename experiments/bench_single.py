@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gossipdqn.actors import Actors
 from gossipdqn.config import Config, EnvConfig, load_config
-from gossipdqn.envs import make_vector_env, spec_of
-from gossipdqn.evaluate import evaluate
-from gossipdqn.learner import Learner
-from gossipdqn.losses import td_loss, td_targets
-from gossipdqn.networks import build_q_network
-from gossipdqn.node import Node
-from gossipdqn.replay import ReplayBuffer
+from gossipdqn.dqn.actors import Actors
+from gossipdqn.dqn.envs import make_vector_env, spec_of
+from gossipdqn.dqn.evaluate import evaluate
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.dqn.losses import td_loss, td_targets
+from gossipdqn.dqn.networks import build_q_network
+from gossipdqn.dqn.replay import ReplayBuffer
+from gossipdqn.node.node import Node
 from gossipdqn.types import Transitions
 
 CONFIG = Path(__file__).parent / "configs" / "cartpole.toml"

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from gossipdqn.config import Config, load_config
-from gossipdqn.envs import make_vector_env, spec_of
-from gossipdqn.learner import Learner
-from gossipdqn.networks import build_q_network
-from gossipdqn.node import Node
+from gossipdqn.dqn.envs import make_vector_env, spec_of
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.dqn.networks import build_q_network
+from gossipdqn.node.node import Node
 
 
 def _raw_worker(cfg: Config, seconds: float, out: mp.Queue) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import zmq
 
 from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
-from gossipdqn.keys import generate_keys, load_node_keys
-from gossipdqn.transport import Transport
-from gossipdqn.wire import Kind, Message, WireLimits, decode, encode
+from gossipdqn.net.keys import generate_keys, load_node_keys
+from gossipdqn.net.transport import Transport
+from gossipdqn.net.wire import Kind, Message, WireLimits, decode, encode
 
 SIZES = {"cartpole_mlp": 70_000, "nature_cnn": 1_700_000}
 LOCAL = "tcp://127.0.0.1:*"

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from gossipdqn.baselines import run
+from gossipdqn.cluster.local import free_ports, node_command
 from gossipdqn.config import load_config
-from gossipdqn.local import free_ports, node_command
 from gossipdqn.report import is_run_dir, write_report
 
 MODES = ("single", "gossip", "ps", "allreduce")

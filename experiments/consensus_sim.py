@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gossipdqn.mixing import push_sum_receive, push_sum_share
-from gossipdqn.topology import TOPOLOGIES, exponential_period, mixing_matrix, peer_table
+from gossipdqn.gossip.mixing import push_sum_receive, push_sum_share
+from gossipdqn.gossip.topology import TOPOLOGIES, exponential_period, mixing_matrix, peer_table
 
 
 def _linear(n_in: int, n_out: int) -> int:

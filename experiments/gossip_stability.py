@@ -26,11 +26,11 @@ from pathlib import Path
 
 import tomllib
 
-from gossipdqn.checkpoint import load_checkpoint
 from gossipdqn.config import config_from_dict
-from gossipdqn.envs import make_vector_env, spec_of
-from gossipdqn.evaluate import evaluate
-from gossipdqn.learner import Learner
+from gossipdqn.dqn.envs import make_vector_env, spec_of
+from gossipdqn.dqn.evaluate import evaluate
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.node.checkpoint import load_checkpoint
 
 STOP = ["train.stop_at_threshold=true", "train.total_steps=50000", "eval.consecutive=1"]
 """Issue 3's protocol; a variant's own --set (after these) wins, e.g. eval.consecutive=2."""

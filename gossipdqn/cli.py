@@ -14,22 +14,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gossipdqn import __version__
-from gossipdqn.checkpoint import load_checkpoint
-from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
-from gossipdqn.envs import EnvError, make_vector_env, spec_of
-from gossipdqn.evaluate import evaluate
-from gossipdqn.hosts import HostsError
-from gossipdqn.keys import SecurityError, generate_keys
-from gossipdqn.launch import (
+from gossipdqn.cluster.hosts import HostsError
+from gossipdqn.cluster.local import run_local
+from gossipdqn.cluster.ssh import (
     add_launch_arguments,
     resolve_env_peers,
     resolve_slurm_peers,
     run_launch,
 )
-from gossipdqn.learner import Learner
-from gossipdqn.local import run_local
-from gossipdqn.node import CHECKPOINT_NAME, Node, gossip_node
-from gossipdqn.transport import TransportError
+from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
+from gossipdqn.dqn.envs import EnvError, make_vector_env, spec_of
+from gossipdqn.dqn.evaluate import evaluate
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.net.keys import SecurityError, generate_keys
+from gossipdqn.net.transport import TransportError
+from gossipdqn.node.checkpoint import load_checkpoint
+from gossipdqn.node.node import CHECKPOINT_NAME, Node, gossip_node
 
 
 class UsageError(Exception):

@@ -289,7 +289,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"learner.device: expected auto, cpu, cuda or cuda:N, got {cfg.learner.device!r}"
         )
-    from gossipdqn.faults import parse_partition  # faults builds on this module's FaultsConfig
+    from gossipdqn.net.faults import parse_partition  # faults builds on this module's FaultsConfig
 
     for entry in cfg.faults.partition:
         try:

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from gossipdqn.baselines import ExchangeLost
-from gossipdqn.learner import Learner
-from gossipdqn.mixing import flatten, unflatten_into
-from gossipdqn.replay import ReplayBuffer
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.dqn.replay import ReplayBuffer
+from gossipdqn.gossip.mixing import flatten, unflatten_into
 from gossipdqn.types import Transitions
 
 CHECK_EVERY = 100

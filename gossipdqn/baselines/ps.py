@@ -24,13 +24,13 @@ import torch
 
 from gossipdqn.baselines import ExchangeLost
 from gossipdqn.config import Config, GossipConfig
-from gossipdqn.envs import make_vector_env, spec_of
-from gossipdqn.learner import Learner
-from gossipdqn.mixing import flatten, unflatten_into
-from gossipdqn.replay import ReplayBuffer
-from gossipdqn.transport import Inbound, Transport
+from gossipdqn.dqn.envs import make_vector_env, spec_of
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.dqn.replay import ReplayBuffer
+from gossipdqn.gossip.mixing import flatten, unflatten_into
+from gossipdqn.net.transport import Inbound, Transport
+from gossipdqn.net.wire import Kind, Message, WireError, decode, encode, limits_for
 from gossipdqn.types import Transitions
-from gossipdqn.wire import Kind, Message, WireError, decode, encode, limits_for
 
 SERVER_RANK = 0
 STARTUP_TIMEOUT_S = 60.0

@@ -18,9 +18,9 @@ from typing import Any
 from gossipdqn.baselines import ExchangeLost
 from gossipdqn.baselines.allreduce import AllReduceExchange
 from gossipdqn.baselines.ps import Link, ServerExchange, ps_transport, run_server
+from gossipdqn.cluster.local import combined_summary, free_ports, start_nodes, stop_nodes
 from gossipdqn.config import Config
-from gossipdqn.local import combined_summary, free_ports, start_nodes, stop_nodes
-from gossipdqn.node import Node, default_run_id
+from gossipdqn.node.node import Node, default_run_id
 
 LOST_EXIT = 3
 """Exit code of a worker that lost its server or its all-reduce group."""

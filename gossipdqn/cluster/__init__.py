@@ -1,0 +1,1 @@
+"""Starting, watching and stopping processes on one machine or many."""

@@ -1,0 +1,1 @@
+"""Single-process DQN: networks, losses, learner, replay, actors, environments; no sockets."""

@@ -1,0 +1,33 @@
+"""Greedy evaluation of a Q-function on environments apart from the training ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gossipdqn.config import EnvConfig
+from gossipdqn.dqn.actors import QFunction
+from gossipdqn.dqn.envs import make_vector_env
+from gossipdqn.types import EvalResult
+
+
+def evaluate(
+    q_values: QFunction, env_cfg: EnvConfig, episodes: int, *, seed: int, eps: float = 0.0
+) -> EvalResult:
+    """Run one episode in each of `episodes` envs with an eps-greedy policy; their returns."""
+    env = make_vector_env(env_cfg, num_envs=episodes, training=False)
+    rng = np.random.default_rng(seed)
+    try:
+        obs, _ = env.reset(seed=seed)
+        totals = np.zeros(episodes)
+        running = np.ones(episodes, dtype=bool)
+        n_actions = int(env.single_action_space.n)
+        while running.any():
+            actions = q_values(obs).argmax(axis=1)
+            explore = rng.random(episodes) < eps
+            actions = np.where(explore, rng.integers(0, n_actions, episodes), actions)
+            obs, rewards, terminated, truncated, _ = env.step(actions)
+            totals += np.where(running, rewards, 0.0)
+            running &= ~(terminated | truncated)
+    finally:
+        env.close()
+    return EvalResult(float(totals.mean()), float(totals.std()), tuple(totals.tolist()))

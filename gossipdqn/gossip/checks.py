@@ -1,0 +1,110 @@
+"""Checks on a decoded peer message against our own model and environment; no I/O.
+
+`decode` has already bounded sizes, whitelisted dtypes and refused NaN and Inf; here a message
+must also match what this node holds (parameter count, observation shape and dtype, action
+count) and stay within sane bounds, so nothing hostile reaches a model or a replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gossipdqn.net.wire import Message
+from gossipdqn.types import EnvSpec
+
+MAX_SHARED_TRANSITIONS = 65_536
+"""Largest experience batch accepted from a peer."""
+MAX_ABS_REWARD = 1e6
+"""Rewards beyond this magnitude in a peer's experience are rejected as hostile."""
+MAX_ABS_PARAM = 1e6
+"""Parameters beyond this magnitude in a peer's message are rejected as hostile."""
+MAX_ABS_OBS = 1e6
+"""Where the observation space is unbounded, shared observations must stay within this."""
+EXPERIENCE_FIELDS = frozenset({"obs", "actions", "rewards", "next_obs", "discounts"})
+
+
+class Rejected(Exception):
+    """A message that passed the codec but not the protocol; `reason` is counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ObsBounds:
+    """The observation space's bounds (unbounded sides capped at MAX_ABS_OBS)."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.low = np.maximum(np.asarray(self.low, dtype=np.float64), -MAX_ABS_OBS)
+        self.high = np.minimum(np.asarray(self.high, dtype=np.float64), MAX_ABS_OBS)
+
+    def contains(self, obs: np.ndarray) -> bool:
+        """Whether every observation of the batch lies within the bounds."""
+        if obs.dtype == np.uint8 and self.low.min() <= 0 and self.high.max() >= 255:
+            return True  # nothing a uint8 can hold is out of bounds; skip the pass over images
+        return bool(np.all(obs >= self.low) and np.all(obs <= self.high))
+
+
+def check_hello(msg: Message, fingerprint: str) -> None:
+    """No tensors, an address, and the fingerprint of our own network architecture."""
+    if msg.tensors or not isinstance(msg.meta.get("addr"), str):
+        raise Rejected("bad_hello")
+    if msg.meta.get("fp") != fingerprint:
+        raise Rejected("fingerprint")
+
+
+def check_params(msg: Message, n_params: int, weights: tuple[float, float] | None) -> float:
+    """One float32 vector of our model's size and bounded (de-biased) values; its push-sum weight.
+
+    `weights` is the (low, high) range of an honest push-sum weight; None for pairwise mixing.
+    """
+    flat = msg.tensors.get("params")
+    if len(msg.tensors) != 1 or flat is None or flat.shape != (n_params,):
+        raise Rejected("bad_params")
+    round_ = msg.meta.get("round")
+    if flat.dtype != np.float32 or not isinstance(round_, int) or round_ < 0:
+        raise Rejected("bad_params")
+    weight = msg.meta.get("w") if weights is not None else 1.0
+    if weights is not None and not (
+        isinstance(weight, float) and weights[0] <= weight <= weights[1]
+    ):
+        raise Rejected("bad_params")
+    low, high = msg.extrema["params"]  # found in decode's single pass over the values
+    if max(-low, high) > MAX_ABS_PARAM:
+        raise Rejected("out_of_bounds")
+    return weight
+
+
+def experience_bytes(spec: EnvSpec, n: int) -> int:
+    """The size on the wire of `n` shared transitions."""
+    obs = int(np.prod(spec.obs_shape)) * np.dtype(spec.obs_dtype).itemsize
+    return n * (2 * obs + 8 + 4 + 4)
+
+
+def check_experience(msg: Message, spec: EnvSpec, bounds: ObsBounds, max_n: int) -> None:
+    """Our field names, dtypes and shapes; at most `max_n` transitions; values within bounds."""
+    t = msg.tensors
+    if set(t) != EXPERIENCE_FIELDS:
+        raise Rejected("bad_experience")
+    n = len(t["actions"]) if t["actions"].ndim == 1 else -1
+    if not 0 < n <= max_n or t["actions"].dtype != np.int64:
+        raise Rejected("bad_experience")
+    for name in ("obs", "next_obs"):
+        if t[name].shape != (n, *spec.obs_shape) or t[name].dtype != spec.obs_dtype:
+            raise Rejected("bad_experience")
+    for name in ("rewards", "discounts"):
+        if t[name].shape != (n,) or t[name].dtype != np.float32:
+            raise Rejected("bad_experience")
+    if t["actions"].min() < 0 or t["actions"].max() >= spec.n_actions:
+        raise Rejected("out_of_bounds")
+    rewards, discounts = msg.extrema["rewards"], msg.extrema["discounts"]
+    if max(-rewards[0], rewards[1]) > MAX_ABS_REWARD or discounts[0] < 0.0 or discounts[1] > 1.0:
+        raise Rejected("out_of_bounds")
+    if not (bounds.contains(t["obs"]) and bounds.contains(t["next_obs"])):
+        raise Rejected("out_of_bounds")

@@ -1,0 +1,1 @@
+"""ZeroMQ sockets, the wire codec, CURVE keys and injected faults; no RL."""

@@ -1,0 +1,1 @@
+"""One node: its loop, records, checkpoints and actor processes."""

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+
+from gossipdqn.dqn.replay import ReplayBuffer, SumTree
+from gossipdqn.types import Transitions
+
+
+def batch(ids, obs_dtype=np.float32):
+    ids = np.asarray(ids)
+    obs = np.stack([ids, ids]).T.astype(obs_dtype)
+    return Transitions(
+        obs, ids.astype(np.int64), ids.astype(np.float32), obs + 1, np.ones(len(ids), np.float32)
+    )
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_contents_after_wraparound(prioritized):
+    replay = ReplayBuffer(5, (2,), np.float32, prioritized=prioritized)
+    replay.add(batch([0, 1, 2]))
+    slots = replay.add(batch([3, 4, 5, 6]))
+    assert slots.tolist() == [3, 4, 0, 1]
+    assert replay.actions.tolist() == [5, 6, 2, 3, 4]
+    assert replay.obs[:, 0].tolist() == [5, 6, 2, 3, 4]
+    assert replay.next_obs[:, 1].tolist() == [6, 7, 3, 4, 5]
+    assert (len(replay), replay.pos, replay.added) == (5, 2, 7)
+    assert replay.latest(3).actions.tolist() == [4, 5, 6]
+
+
+def test_batch_larger_than_capacity_keeps_the_newest():
+    replay = ReplayBuffer(3, (2,), np.float32)
+    replay.add(batch(range(7)))
+    assert sorted(replay.actions.tolist()) == [4, 5, 6]
+    assert replay.latest(3).actions.tolist() == [4, 5, 6]
+
+
+def test_uint8_observations_stay_uint8():
+    replay = ReplayBuffer(4, (2,), np.uint8)
+    replay.add(batch([1, 2], obs_dtype=np.uint8))
+    assert replay.obs.dtype == np.uint8 and replay.sample(3).obs.dtype == np.uint8
+
+
+def test_uniform_sample_only_filled_slots():
+    replay = ReplayBuffer(100, (2,), np.float32, seed=1)
+    replay.add(batch(range(10)))
+    sample = replay.sample(1000)
+    assert set(sample.actions.tolist()) == set(range(10))
+    assert np.array_equal(sample.obs[:, 0], sample.actions.astype(np.float32))
+    assert np.all(sample.weights == 1.0)
+
+
+def test_sum_tree_sums_and_search():
+    tree = SumTree(5)
+    tree.set(np.arange(5), np.array([1.0, 2.0, 3.0, 4.0, 0.0]))
+    assert tree.total == 10.0
+    found = tree.find(np.array([0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99]))
+    assert found.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_prioritized_sampling_is_proportional():
+    replay = ReplayBuffer(8, (2,), np.float32, prioritized=True, alpha=1.0, seed=3)
+    replay.add(batch(range(4)))
+    replay.update_priorities(np.arange(4), np.array([1.0, 2.0, 3.0, 4.0]))
+    counts = np.zeros(4)
+    for _ in range(200):
+        counts += np.bincount(replay.sample(100).indices, minlength=4)
+    freq = counts / counts.sum()
+    expected = np.array([1.0, 2.0, 3.0, 4.0]) / 10.0
+    assert np.allclose(freq, expected, atol=0.01)
+
+
+def test_importance_weights():
+    replay = ReplayBuffer(4, (2,), np.float32, prioritized=True, alpha=1.0, priority_eps=0.0)
+    replay.add(batch(range(4)))
+    replay.update_priorities(np.arange(4), np.array([1.0, 1.0, 1.0, 5.0]))
+    sample = replay.sample(64, beta=0.5)
+    probs = np.array([1, 1, 1, 5]) / 8.0
+    raw = (4 * probs) ** -0.5
+    assert np.allclose(sample.weights, raw[sample.indices] / raw[sample.indices].max())
+
+
+def test_highest_priority():
+    replay = ReplayBuffer(8, (2,), np.float32, prioritized=True)
+    replay.add(batch(range(6)))
+    replay.update_priorities(np.arange(6), np.array([0.1, 9.0, 0.2, 7.0, 0.3, 8.0]))
+    assert sorted(replay.highest_priority(3).actions.tolist()) == [1, 3, 5]
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_state_dict_round_trip(prioritized):
+    a = ReplayBuffer(6, (2,), np.float32, prioritized=prioritized, seed=5)
+    a.add(batch(range(9)))
+    a.update_priorities(np.arange(3), np.array([3.0, 1.0, 2.0]))
+    b = ReplayBuffer(6, (2,), np.float32, prioritized=prioritized, seed=99)
+    b.load_state_dict(a.state_dict())
+    sa, sb = a.sample(16, 0.5), b.sample(16, 0.5)
+    for x, y in zip(sa, sb):
+        assert np.array_equal(x, y)
+    assert (a.pos, a.size, a.added) == (b.pos, b.size, b.added)

@@ -1,0 +1,390 @@
+"""Transport over real loopback TCP: exchange, bounded queues, restarts, faults and CURVE."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
+from gossipdqn.net.faults import FaultInjector, Outbox, parse_partition
+from gossipdqn.net.keys import SecurityError, generate_keys, load_node_keys
+from gossipdqn.net.transport import Inbound, Transport, TransportError
+from gossipdqn.net.wire import Kind, Message, WireError, WireLimits, decode, encode
+
+pytestmark = pytest.mark.timeout(60)
+
+GOSSIP = GossipConfig(heartbeat_s=0.1, peer_timeout_s=1.0, queue_messages=8)
+NO_SECURITY, NO_FAULTS = SecurityConfig(), FaultsConfig()
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range, so no outbound connection takes it."""
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:  # a plain socket closes synchronously, unlike zmq's
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+
+
+def url(port: int) -> str:
+    return f"tcp://127.0.0.1:{port}"
+
+
+def frames_of(seq: int, size: int = 4) -> list:
+    msg = Message(Kind.PARAMS, "run", 0, seq, 0, {"w": np.full(size, seq, np.float32)})
+    return encode(msg)
+
+
+def seq_of(inbound: Inbound) -> int:
+    return decode(inbound.frames, WireLimits(), run_id=None).seq
+
+
+def collect(t: Transport, count: int, timeout_s: float = 10.0) -> list[Inbound]:
+    """Wait for `count` messages (or the deadline) and return what arrived."""
+    got: list[Inbound] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and t.wait(max(0.0, deadline - time.monotonic())):
+        got += t.receive()
+    return got
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., Transport]]:
+    """Start transports that are all closed at teardown."""
+    made: list[Transport] = []
+
+    def _make(rank: int, port: int, peers: dict[int, int], **kwargs) -> Transport:
+        t = Transport(
+            rank,
+            kwargs.pop("bind", url(port)),
+            {p: url(pp) for p, pp in peers.items()},
+            kwargs.pop("gossip", GOSSIP),
+            kwargs.pop("security", NO_SECURITY),
+            kwargs.pop("faults", NO_FAULTS),
+            **kwargs,
+        )
+        made.append(t)
+        t.start()
+        return t
+
+    yield _make
+    for t in made:
+        t.close(timeout_s=2.0)
+
+
+@pytest.fixture
+def raw_context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def test_two_transports_exchange_both_ways(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a, b = make(0, pa, {1: pb}), make(1, pb, {0: pa})
+    assert a.send(1, frames_of(1)) and b.send(0, frames_of(2))
+    (at_b,), (at_a,) = collect(b, 1), collect(a, 1)
+    assert (seq_of(at_b), seq_of(at_a)) == (1, 2)
+    assert (b.rank_of(at_b), a.rank_of(at_a)) == (0, 1)
+    assert at_b.user_id is None and at_b.peer_identity.startswith(b"0:")
+    assert eventually(lambda: a.stats().messages_sent == 1 and a.stats().bytes_sent > 16)
+    assert b.stats().messages_received == 1 and b.stats().bytes_received == a.stats().bytes_sent
+
+
+def test_inproc_on_a_shared_context(raw_context: zmq.Context) -> None:
+    def node(rank: int) -> Transport:
+        peer = 1 - rank
+        return Transport(
+            rank,
+            f"inproc://n{rank}",
+            {peer: f"inproc://n{peer}"},
+            GOSSIP,
+            NO_SECURITY,
+            NO_FAULTS,
+            context=raw_context,
+        )
+
+    with node(0) as a:
+        a.send(1, frames_of(1))  # queued before the peer exists
+        with node(1) as b:
+            assert [seq_of(m) for m in collect(b, 1)] == [1]
+            b.send(0, frames_of(2))
+            assert [seq_of(m) for m in collect(a, 1)] == [2]
+
+
+def test_broadcast_reaches_every_peer(make: Callable[..., Transport]) -> None:
+    p0, p1, p2 = free_port(), free_port(), free_port()
+    hub = make(0, p0, {1: p1, 2: p2}, identity_prefix="run-x/")
+    leaves = [make(1, p1, {0: p0}), make(2, p2, {0: p0})]
+    assert hub.broadcast(frames_of(5)) == 2
+    for leaf in leaves:
+        (got,) = collect(leaf, 1)
+        assert seq_of(got) == 5 and got.peer_identity.startswith(b"run-x/0:")
+
+
+def test_full_queue_drops_oldest_until_peer_appears(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    gossip = GossipConfig(heartbeat_s=0.1, peer_timeout_s=1.0, queue_messages=3)
+    a = make(0, pa, {1: pb}, gossip=gossip)
+    for seq in range(6):
+        assert a.send(1, frames_of(seq))
+    assert eventually(lambda: a.stats().dropped == {"queue_full": 3})
+    b = make(1, pb, {0: pa})
+    assert sorted(seq_of(m) for m in collect(b, 3)) == [3, 4, 5]
+
+
+def test_close_is_prompt_with_an_unreachable_peer(make: Callable[..., Transport]) -> None:
+    a = make(0, free_port(), {1: free_port()})
+    for seq in range(20):
+        a.send(1, frames_of(seq, size=10_000))
+    start = time.monotonic()
+    a.close(timeout_s=2.0)
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(TransportError, match="closed"):
+        a.send(1, frames_of(0))
+
+
+def test_restarted_peer_receives_again(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a, b = make(0, pa, {1: pb}), make(1, pb, {0: pa})
+    a.send(1, frames_of(1))
+    assert len(collect(b, 1)) == 1
+    b.close()
+    b2 = make(1, pb, {0: pa})
+    got: list[Inbound] = []
+    deadline = time.monotonic() + 10.0
+    while not got and time.monotonic() < deadline:
+        a.send(1, frames_of(2))
+        got = collect(b2, 1, timeout_s=0.2)
+    assert got and seq_of(got[0]) == 2
+
+
+def test_inbound_queue_drops_oldest(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a, b = make(0, pa, {1: pb}), make(1, pb, {0: pa}, inbound_limit=2)
+    for seq in range(5):
+        a.send(1, frames_of(seq))
+    assert eventually(lambda: b.stats().messages_received == 5)
+    assert [seq_of(m) for m in b.receive()] == [3, 4]
+    assert b.stats().dropped == {"inbound_full": 3}
+    assert not b.wait(0)
+
+
+def test_drop_prob_one_drops_everything(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a = make(0, pa, {1: pb}, faults=FaultsConfig(drop_prob=1.0))
+    b = make(1, pb, {0: pa})
+    assert not any(a.send(1, frames_of(seq)) for seq in range(10))
+    assert a.stats().dropped == {"fault_drop": 10}
+    assert not b.wait(0.3)
+
+
+def test_partition_cuts_then_heals(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a = make(0, pa, {1: pb}, faults=FaultsConfig(partition=("0-0.5:0|1,2",)))
+    b = make(1, pb, {0: pa})
+    start = time.monotonic()
+    assert not a.send(1, frames_of(1))
+    assert a.stats().dropped == {"partition": 1}
+    assert b.send(0, frames_of(2))  # the window is per sender: b has no partition configured
+    assert len(collect(a, 1)) == 1
+    time.sleep(max(0.0, 0.55 - (time.monotonic() - start)))  # a clock window, not an event
+    assert a.send(1, frames_of(3))
+    assert [seq_of(m) for m in collect(b, 1)] == [3]
+
+
+def test_delay_holds_messages_on_the_io_thread(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a = make(0, pa, {1: pb}, faults=FaultsConfig(delay_ms=200.0))
+    b = make(1, pb, {0: pa})
+    start = time.monotonic()
+    assert a.send(1, frames_of(1))
+    assert time.monotonic() - start < 0.05  # the caller never waits
+    (got,) = collect(b, 1)
+    assert got.received_at - start >= 0.19
+
+
+def test_byte_budget_paces_sends(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    gossip = GossipConfig(heartbeat_s=0.1, peer_timeout_s=1.0, max_bytes_per_s=100_000)
+    b = make(1, pb, {0: pa})
+    a = make(0, pa, {1: pb}, gossip=gossip)
+    start = time.monotonic()
+    for seq in range(4):
+        a.send(1, frames_of(seq, size=10_000))  # ~40 kB each: 100 kB burst, then 0.2 s wait
+    got = collect(b, 4)
+    assert [seq_of(m) for m in got] == [0, 1, 2, 3]
+    assert got[-1].received_at - start >= 0.15
+
+
+def test_second_bind_on_a_port_fails_clearly(make: Callable[..., Transport]) -> None:
+    port = free_port()
+    make(0, port, {})
+    with pytest.raises(TransportError, match="cannot open its sockets"):
+        make(1, port, {})
+
+
+def test_require_keys_refuses_a_non_loopback_bind(make: Callable[..., Transport]) -> None:
+    with pytest.raises(SecurityError, match="refusing to bind tcp://0.0.0.0"):
+        make(
+            0,
+            0,
+            {},
+            bind=f"tcp://0.0.0.0:{free_port()}",
+            security=SecurityConfig(require_keys=True),
+        )
+
+
+def test_unknown_peer_and_self_peer_are_errors(make: Callable[..., Transport]) -> None:
+    a = make(0, free_port(), {1: free_port()})
+    with pytest.raises(ValueError, match="not one of this node's peers"):
+        a.send(3, frames_of(0))
+    with pytest.raises(ValueError, match="lists itself"):
+        Transport(0, url(1), {0: url(2)}, GOSSIP, NO_SECURITY, NO_FAULTS)
+
+
+def test_partition_entries_are_validated() -> None:
+    part = parse_partition("1.5-3:0,1|2")
+    assert part.cuts(0, 2, 2.0) and not part.cuts(0, 1, 2.0) and not part.cuts(0, 2, 3.0)
+    assert not part.cuts(0, 9, 2.0)  # unlisted ranks are never cut
+    for bad in ["1-3", "3-1:0|1", "a-3:0|1", "0-3:0,1", "0-3:0|0", "0-3:0|x", "-1-3:0|1"]:
+        with pytest.raises(ValueError, match="faults.partition .*expected"):
+            parse_partition(bad)
+
+
+def test_outbox_holds_delayed_messages_until_due() -> None:
+    injector = FaultInjector(FaultsConfig(delay_ms=100.0), rank=0)
+    box = Outbox([1], limit=2, max_bytes_per_s=0.0, injector=injector, now=0.0)
+    assert box.put(1, [b"a"], 1, now=0.0, elapsed_s=0.0)
+    assert box.take(1, now=0.05) == (None, pytest.approx(0.05))
+    item, wait_s = box.take(1, now=0.1)
+    assert item is not None and item.frames == [b"a"] and wait_s == 0.0
+    assert box.take(1, now=0.2) == (None, float("inf"))
+
+
+def test_outbox_budget_waits_then_drops_oldest_as_budget() -> None:
+    injector = FaultInjector(FaultsConfig(), rank=0)
+    box = Outbox([1], limit=1, max_bytes_per_s=100.0, injector=injector, now=0.0)
+    box.put(1, [b"a"], 150, now=0.0, elapsed_s=0.0)
+    item, _ = box.take(1, now=0.0)
+    assert item is not None
+    box.sent(1, item)  # 100 tokens - 150 bytes: 0.5 s of debt
+    box.put(1, [b"b"], 10, now=0.1, elapsed_s=0.1)
+    assert box.take(1, now=0.1) == (None, pytest.approx(0.4))
+    box.put(1, [b"c"], 10, now=0.2, elapsed_s=0.2)
+    assert box.dropped() == {"budget": 1} and box.queued(1) == 1
+    item, wait_s = box.take(1, now=0.51)
+    assert item is not None and item.frames == [b"c"] and wait_s == 0.0
+
+
+# --- CURVE -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("curve")
+    generate_keys(directory, 2)
+    return directory
+
+
+@pytest.fixture
+def curve_pair(
+    make: Callable[..., Transport], keys_dir: Path
+) -> tuple[Transport, Transport, int, int]:
+    pa, pb = free_port(), free_port()
+    security = SecurityConfig(keys_dir=str(keys_dir))
+    a = make(0, pa, {1: pb}, security=security)
+    b = make(1, pb, {0: pa}, security=security)
+    return a, b, pa, pb
+
+
+def assert_still_exchanging(a: Transport, b: Transport) -> None:
+    a.send(1, frames_of(42))
+    got = collect(b, 1)
+    assert [seq_of(m) for m in got] == [42] and b.rank_of(got[0]) == 0
+
+
+def test_curve_peers_exchange_and_prove_identity(curve_pair, keys_dir: Path) -> None:
+    a, b, _, _ = curve_pair
+    a.send(1, frames_of(1))
+    b.send(0, frames_of(2))
+    (at_b,), (at_a,) = collect(b, 1), collect(a, 1)
+    assert at_b.user_id == load_node_keys(keys_dir, 0).public.decode()
+    assert (b.rank_of(at_b), a.rank_of(at_a)) == (0, 1)
+    assert b.peer_ranks[load_node_keys(keys_dir, 1).public] == 1
+
+
+def test_curve_stranger_key_is_refused(
+    curve_pair, make: Callable[..., Transport], keys_dir: Path, tmp_path: Path
+) -> None:
+    a, b, _, pb = curve_pair
+    generate_keys(tmp_path, 3)  # the stranger knows b's public key but b does not know its key
+    shutil.copyfile(keys_dir / "authorized" / "node-1.key", tmp_path / "authorized" / "node-1.key")
+    stranger = make(2, free_port(), {1: pb}, security=SecurityConfig(keys_dir=str(tmp_path)))
+    for seq in range(3):
+        stranger.send(1, frames_of(100 + seq))
+    assert not b.wait(0.5)
+    assert_still_exchanging(a, b)
+
+
+def test_curve_plain_client_is_refused(curve_pair, raw_context: zmq.Context) -> None:
+    a, b, _, pb = curve_pair
+    plain = raw_context.socket(zmq.DEALER)
+    plain.linger = 0
+    plain.identity = b"0"
+    plain.connect(url(pb))
+    plain.send_multipart(frames_of(7), copy=False)
+    assert not b.wait(0.5)
+    assert_still_exchanging(a, b)
+
+
+@pytest.mark.parametrize("curve", [True, False])
+def test_raw_garbage_on_the_port_delivers_nothing_decodable(
+    make: Callable[..., Transport], keys_dir: Path, curve: bool
+) -> None:
+    pa, pb = free_port(), free_port()
+    security = SecurityConfig(keys_dir=str(keys_dir)) if curve else NO_SECURITY
+    a = make(0, pa, {1: pb}, security=security)
+    b = make(1, pb, {0: pa}, security=security)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", pb), timeout=2.0) as raw:
+            raw.sendall(os.urandom(4096))
+    # Without CURVE, libzmq still speaks ZMTP/1.0, so garbage can arrive as frames; the codec
+    # refuses every one. CURVE needs a ZMTP/3 handshake, so nothing arrives at all.
+    junk = collect(b, 1000, timeout_s=0.3)
+    assert not junk if curve else all(_rejected(m) for m in junk)
+    assert_still_exchanging(a, b)
+    assert b.stats().errors == 0
+
+
+def _rejected(inbound: Inbound) -> bool:
+    with pytest.raises(WireError):
+        decode(inbound.frames, WireLimits(), run_id=None)
+    return True
