@@ -384,13 +384,3 @@ def config_to_toml(cfg: Config) -> str:
             top.append(f"{key} = {_toml_value(value)}")
     return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
 
-
-def describe_settings(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every setting, for `--help` and the README."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
-            rows += describe_settings(f.default_factory, prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, repr(f.default), f.metadata.get("doc", "")))
-    return rows
