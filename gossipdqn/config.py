@@ -10,6 +10,8 @@ from typing import Any
 
 import tomllib
 
+from gossipdqn.partition import parse_partition
+
 
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type or out of range; the message names the key."""
@@ -175,9 +177,6 @@ class GossipConfig:
     robust: str = setting(
         "none", "defence against outlying peers", choices=("none", "clip", "reject")
     )
-    max_staleness: int = setting(
-        20, "rounds after which a received parameter message is dropped", low=0
-    )
     share_every: int = setting(500, "env steps between experience shares", low=1)
     share_batch: int = setting(256, "transitions in each experience share", low=1)
     share_fanout: int = setting(1, "peers each experience share goes to", low=1)
@@ -289,8 +288,6 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"learner.device: expected auto, cpu, cuda or cuda:N, got {cfg.learner.device!r}"
         )
-    from gossipdqn.net.faults import parse_partition  # faults builds on this module's FaultsConfig
-
     for entry in cfg.faults.partition:
         try:
             parse_partition(entry)

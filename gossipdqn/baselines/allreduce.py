@@ -140,6 +140,13 @@ class AllReduceExchange:
             "allreduce_lost": self.lost or "",
         }  # fmt: skip
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: a resumed worker starts again from rank 0's parameters."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (see `state_dict`)."""
+
     def close(self) -> None:
         """Wait for the other workers to finish their updates, then leave the group."""
         if dist.is_initialized():

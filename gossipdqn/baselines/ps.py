@@ -4,14 +4,20 @@ Ranks: 0 is the server, 1..N the workers; every process binds its own address of
 talks over the same wire codec and transport as gossip. A worker sends the gradients of every
 update (GRADIENTS, one flat float32 tensor) and never steps its own optimizer; the server
 applies each one as it arrives (asynchronously, as Gorila does) and sends that worker fresh
-parameters (PARAMS) after every `pull_every` of its gradients, or when asked (PULL). The server
-says HELLO to every worker each heartbeat; a worker that hears nothing from it for
-`gossip.peer_timeout_s` stops with a clear error: the centralized weakness the comparison shows.
+parameters (PARAMS) after every `pull_every`-th of its updates, as the worker counts them (the
+step of its gradients; a lost message shifts nothing), or when asked (PULL).
+
+Liveness is the transport's (`Transport.silent_s`: ZeroMQ heartbeats on the I/O threads), not
+messages from the other side's busy loop: a server deep in gradient work, or a worker waiting
+for parameters, is alive. A worker whose server is silent for `gossip.peer_timeout_s` stops
+with a clear error (the centralized weakness the comparison shows); a server whose workers have
+all gone silent for that long stops serving.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -108,34 +114,22 @@ class ParameterServer:
         self.applied: Counter[int] = Counter()
         self.params_sent: Counter[int] = Counter()
         self.dropped: Counter[str] = Counter()
-        self.last_heard: dict[int, float] = {}
-        self.last_hello = -1e9
         self.started = time.monotonic()
 
     def serve(self, stop: threading.Event) -> None:
-        """Until `stop`, or every worker heard from has been silent for peer_timeout_s."""
+        """Until `stop`, or every worker ever heard from has been silent for peer_timeout_s."""
         while not stop.is_set() and not self._workers_gone():
             self.link.transport.wait(self.cfg.gossip.heartbeat_s)
-            self._hello()
             for msg in self.link.receive(self.dropped):
                 self._handle(msg)
-                self._hello()  # a flood of gradients must not silence the heartbeat
-
-    def _hello(self) -> None:
-        """HELLO to every worker once per heartbeat, so they know the server is alive."""
-        if time.monotonic() - self.last_hello < self.cfg.gossip.heartbeat_s:
-            return
-        self.last_hello = time.monotonic()
-        for worker in self.link.transport.peer_addresses:
-            self.link.send(worker, Kind.HELLO, {}, self.learner.updates)
 
     def _workers_gone(self) -> bool:
-        now, timeout = time.monotonic(), self.cfg.gossip.peer_timeout_s
-        heard = self.last_heard.values()
-        return bool(heard) and all(now - t > timeout for t in heard)
+        transport = self.link.transport
+        silences = [transport.silent_s(w) for w in transport.peer_addresses]
+        heard = [s for s in silences if s < math.inf]
+        return bool(heard) and all(s > self.cfg.gossip.peer_timeout_s for s in heard)
 
     def _handle(self, msg: Message) -> None:
-        self.last_heard[msg.sender] = time.monotonic()
         if msg.kind == Kind.PULL:
             self._send_params(msg.sender)
         elif msg.kind == Kind.GRADIENTS:
@@ -145,7 +139,7 @@ class ParameterServer:
                 return
             self._apply(grads)
             self.applied[msg.sender] += 1
-            if self.applied[msg.sender] % self.pull_every == 0:
+            if (msg.step + 1) % self.pull_every == 0:  # the worker waits for these parameters
                 self._send_params(msg.sender)
         elif msg.kind != Kind.HELLO:
             self.dropped["unexpected_kind"] += 1
@@ -202,8 +196,6 @@ class ServerExchange:
         self.lost: str | None = None
         self.dropped: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
-        self.last_heard = time.monotonic()
-        self.last_hello = -1e9
         self.started = time.monotonic()
         self.learner: Learner | None = None
 
@@ -225,7 +217,6 @@ class ServerExchange:
             self._poll()
         with torch.no_grad():
             learner.target.load_state_dict(learner.online.state_dict())
-        self.last_heard = time.monotonic()
 
     def _server(self) -> str:
         return self.link.transport.peer_addresses[SERVER_RANK]
@@ -238,9 +229,10 @@ class ServerExchange:
     def _send_gradients(self, learner: Learner) -> None:
         """The gradient handler: the flat gradients go to the server; no local step.
 
-        Every `pull_every` gradients the server answers with its parameters, and the worker
-        waits for them (at most `gossip.peer_timeout_s`): gradients are never computed on
-        parameters more than `pull_every` updates old, and no worker floods the server.
+        Every `pull_every` updates the server answers with its parameters, and the worker
+        waits for them (at most `gossip.peer_timeout_s`, asking again each heartbeat): gradients
+        are never computed on parameters more than `pull_every` updates old, and no worker
+        floods the server.
         """
         grads = flatten([p.grad for p in self.params]).cpu().numpy()
         self._send(Kind.GRADIENTS, {"grads": grads})
@@ -254,14 +246,14 @@ class ServerExchange:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return  # the silence check in after_env_step reports a dead server
-            self.link.transport.wait(min(remaining, self.cfg.heartbeat_s))
+            if not self.link.transport.wait(min(remaining, self.cfg.heartbeat_s)):
+                self._send(Kind.PULL, {})  # the gradients or the answer may have been dropped
             self._poll()
 
     def _poll(self) -> None:
         """Take what arrived; load the newest parameters among it."""
         newest = None
         for msg in self.link.receive(self.dropped):
-            self.last_heard = time.monotonic()
             params = flat_tensor(msg, "params", self.size) if msg.kind == Kind.PARAMS else None
             if params is not None:
                 newest = params
@@ -273,13 +265,9 @@ class ServerExchange:
             self.counts["params_loaded"] += 1
 
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
-        """Take in parameters; say hello each heartbeat; give up when the server is silent."""
+        """Take in parameters; give up when the transport finds the server silent."""
         self._poll()
-        now = time.monotonic()
-        if now - self.last_hello >= self.cfg.heartbeat_s:
-            self.last_hello = now
-            self._send(Kind.HELLO, {})
-        silent = now - self.last_heard
+        silent = self.link.transport.silent_s(SERVER_RANK)
         if silent > self.cfg.peer_timeout_s and self.lost is None:
             self.lost = (
                 f"parameter server at {self._server()} silent for {silent:.1f} s "
@@ -298,13 +286,20 @@ class ServerExchange:
             "sent_bytes": stats.bytes_sent, "recv_bytes": stats.bytes_received,
             "sent_bytes_per_s": stats.bytes_sent / elapsed,
             "recv_bytes_per_s": stats.bytes_received / elapsed,
-            "server_silent_s": time.monotonic() - self.last_heard,
+            "server_silent_s": min(self.link.transport.silent_s(SERVER_RANK), elapsed),
             "server_lost": self.lost or "",
         }  # fmt: skip
         out |= dict(self.counts)
         for reason, n in (Counter(stats.dropped) + self.dropped).items():
             out[f"dropped_{reason}"] = n
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: a resumed worker starts again from the server's parameters."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (see `state_dict`)."""
 
     def close(self) -> None:
         self.link.transport.close()

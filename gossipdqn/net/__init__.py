@@ -1,1 +1,1 @@
-"""ZeroMQ sockets, the wire codec, CURVE keys and injected faults; no RL."""
+"""ZeroMQ sockets and their I/O loop, bounded queues, peer liveness, codec, keys, faults; no RL."""

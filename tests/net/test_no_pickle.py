@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "gossipdqn"
+PACKAGE = Path(__file__).resolve().parents[2] / "gossipdqn"
 BANNED_NAMES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "recv_pyobj", "send_pyobj"}
 
 

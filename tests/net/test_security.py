@@ -139,7 +139,10 @@ def valid_messages(fake: FakePeer, node: Node) -> list[list[bytes]]:
     n_params = params_of(node).numel()
     made = [
         fake.hello(node),
-        fake.message(Kind.PARAMS, {"params": np.zeros(n_params, np.float32)}, round=1, w=0.5),
+        fake.message(
+            Kind.PARAMS, {"params": np.zeros(n_params, np.float32)}, round=1, w=0.5, sum=0.5,
+            to=node.exchange.incarnation,
+        ),
         fake.message(Kind.EXPERIENCE, experience()),
     ]
     return [[bytes(f) for f in frames] for frames in made]
@@ -155,7 +158,8 @@ def hostile_messages(fake: FakePeer, node: Node) -> list[list[bytes]]:
         return [msgpack.packb({**header, **change}), *frames[1:]]
 
     def params_msg(arr: np.ndarray, **meta: object) -> list:
-        return fake.message(Kind.PARAMS, {"params": arr}, **({"round": 1, "w": 0.5} | meta))
+        honest = {"round": 1, "w": 0.5, "sum": 0.5, "to": node.exchange.incarnation}
+        return fake.message(Kind.PARAMS, {"params": arr}, **(honest | meta))
 
     def experience_with(**change: np.ndarray) -> list:
         return fake.message(Kind.EXPERIENCE, experience() | change)

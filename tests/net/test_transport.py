@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,10 +18,12 @@ import pytest
 import zmq
 
 from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
-from gossipdqn.net.faults import FaultInjector, Outbox, parse_partition
+from gossipdqn.net.faults import FaultInjector
 from gossipdqn.net.keys import SecurityError, generate_keys, load_node_keys
+from gossipdqn.net.queues import Outbox
 from gossipdqn.net.transport import Inbound, Transport, TransportError
 from gossipdqn.net.wire import Kind, Message, WireError, WireLimits, decode, encode
+from gossipdqn.partition import parse_partition
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,14 +144,16 @@ def test_inproc_on_a_shared_context(raw_context: zmq.Context) -> None:
             assert [seq_of(m) for m in collect(a, 1)] == [2]
 
 
-def test_broadcast_reaches_every_peer(make: Callable[..., Transport]) -> None:
-    p0, p1, p2 = free_port(), free_port(), free_port()
-    hub = make(0, p0, {1: p1, 2: p2}, identity_prefix="run-x/")
-    leaves = [make(1, p1, {0: p0}), make(2, p2, {0: p0})]
-    assert hub.broadcast(frames_of(5)) == 2
-    for leaf in leaves:
-        (got,) = collect(leaf, 1)
-        assert seq_of(got) == 5 and got.peer_identity.startswith(b"run-x/0:")
+def test_identity_prefix_goes_on_the_routing_id_and_off_for_rank_of(
+    make: Callable[..., Transport],
+) -> None:
+    pa, pb = free_port(), free_port()
+    a = make(0, pa, {1: pb}, identity_prefix="run-x/")
+    b = make(1, pb, {0: pa}, identity_prefix="run-x/")
+    a.send(1, frames_of(5))
+    (got,) = collect(b, 1)
+    assert seq_of(got) == 5 and got.peer_identity.startswith(b"run-x/0:")
+    assert b.rank_of(got) == 0
 
 
 def test_full_queue_drops_oldest_until_peer_appears(make: Callable[..., Transport]) -> None:
@@ -184,6 +191,54 @@ def test_restarted_peer_receives_again(make: Callable[..., Transport]) -> None:
         a.send(1, frames_of(2))
         got = collect(b2, 1, timeout_s=0.2)
     assert got and seq_of(got[0]) == 2
+
+
+def test_silence_counts_from_when_the_peer_goes(make: Callable[..., Transport]) -> None:
+    pa, pb = free_port(), free_port()
+    a = make(0, pa, {1: pb})
+    assert a.silent_s(1) == float("inf")  # never seen
+    b = make(1, pb, {0: pa})
+    assert eventually(lambda: a.silent_s(1) == 0.0)  # connected, nothing sent either way
+    b.close()
+    closed = time.monotonic()
+    assert eventually(lambda: a.silent_s(1) > 0.0)
+    assert a.silent_s(1) <= time.monotonic() - closed + 0.05
+    with pytest.raises(ValueError, match="not one of this node's peers"):
+        a.silent_s(5)
+
+
+PEER_PROCESS = """
+import sys
+from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
+from gossipdqn.net.transport import Transport
+gossip = GossipConfig(heartbeat_s=0.1, peer_timeout_s=1.0, queue_messages=8)
+with Transport(1, sys.argv[1], {0: sys.argv[2]}, gossip, SecurityConfig(), FaultsConfig()):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_hung_peer_process_goes_silent_and_comes_back(make: Callable[..., Transport]) -> None:
+    """ZeroMQ heartbeats, not messages, keep a peer alive: a stopped process stops answering."""
+    pa, pb = free_port(), free_port()
+    a = make(0, pa, {1: pb})
+    peer = subprocess.Popen(
+        [sys.executable, "-c", PEER_PROCESS, url(pb), url(pa)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert peer.stdout is not None and peer.stdout.readline() == "ready\n"
+        assert eventually(lambda: a.silent_s(1) == 0.0)
+        peer.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert eventually(lambda: a.silent_s(1) > GOSSIP.peer_timeout_s)
+        assert time.monotonic() - stopped >= GOSSIP.peer_timeout_s
+        peer.send_signal(signal.SIGCONT)
+        assert eventually(lambda: a.silent_s(1) == 0.0)
+    finally:
+        peer.send_signal(signal.SIGCONT)
+        peer.kill()
+        peer.wait()
 
 
 def test_inbound_queue_drops_oldest(make: Callable[..., Transport]) -> None:
