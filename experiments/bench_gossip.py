@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import statistics
@@ -28,7 +27,7 @@ import numpy as np
 
 from gossipdqn.cluster.local import free_ports, run_local
 from gossipdqn.config import load_config
-from gossipdqn.node.node import gossip_node
+from gossipdqn.gossip.nodes import gossip_node
 
 HERE = Path(__file__).parent
 SIZES = {"mlp_70k": [256, 256], "mlp_1.7M": [1290, 1290]}
@@ -47,8 +46,7 @@ def two_nodes(tmp: Path, hidden: list[int]):
                              "gossip.experience=false"])  # fmt: skip
     addresses = [f"127.0.0.1:{p}" for p in free_ports(2)]
     nodes = [
-        gossip_node(dataclasses.replace(cfg, seed=r), tmp / f"n{r}", rank=r,
-                    addresses=addresses, quiet=True)
+        gossip_node(cfg, tmp / f"n{r}", rank=r, addresses=addresses, quiet=True)
         for r in range(2)
     ]  # fmt: skip
     while not all(n.exchange.alive() for n in nodes):

@@ -28,7 +28,8 @@ import numpy as np
 import zmq
 from bench_transport import SIZES, bench_size
 
-from gossipdqn.cluster.local import free_ports, node_command, stop_nodes
+from gossipdqn.cluster.local import free_ports, node_command
+from gossipdqn.cluster.procs import stop as stop_processes
 from gossipdqn.net.keys import generate_keys
 from gossipdqn.net.wire import Kind, Message, encode
 from gossipdqn.node.node import default_run_id
@@ -171,7 +172,7 @@ def soak(minutes: float, warm_s: float, rate: float, n_params: int) -> dict[str,
             quiet = speed_between(node_dir, warm_s / 3, flood_from)
             flooded = speed_between(node_dir, (flood_from + flood_to) / 2)  # its second half
         finally:
-            stop_nodes([proc], grace_s=10)
+            stop_processes([proc], grace_s=10)
         summary = json.loads((run_dir / "node-0" / "summary.json").read_text())
     return {
         "flood_messages": sent, "flood_rate": sent / (minutes * 60),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from gossipdqn.baselines import run
 from gossipdqn.cluster.local import free_ports, node_command
+from gossipdqn.cluster.procs import signals_to_event
 from gossipdqn.config import load_config
 from gossipdqn.report import is_run_dir, write_report
 
@@ -54,15 +54,15 @@ def one_run(
     shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt left
     procs, workers = commands(mode, n, run_dir, passthrough, args.pull_every)
     stop = threading.Event()
-    args.stops.append(stop)
     timer = threading.Timer(RUN_LIMIT_S, stop.set)
     timer.start()
     fault = None
     if kill:
         victim = 0 if mode == "ps" else n - 1
         fault = run.Kill(victim, run_dir / "node-0" / "metrics.jsonl", args.total_steps // 2)
-    try:
-        codes, killed = run.run_group(procs, stop, workers=workers, kill=fault)
+    try:  # SIGINT or SIGTERM stops this run cleanly and ends the comparison
+        with signals_to_event(args.interrupted, stop):
+            codes, killed = run.run_group(procs, stop, workers=workers, kill=fault)
     finally:
         timer.cancel()
     if args.interrupted.is_set():
@@ -84,18 +84,6 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int, bool]]:
     return runs
 
 
-def stop_all_on_signals(args: argparse.Namespace) -> None:
-    """SIGINT or SIGTERM stops the running processes cleanly and ends the comparison."""
-
-    def handler(signum: int, frame: object) -> None:
-        args.interrupted.set()
-        for stop in args.stops:
-            stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="TOML config (default: CartPole)")
@@ -111,22 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     args.total_steps = load_config(args.config, sets).train.total_steps
     common = [a for s in sets for a in ("--set", s)] + ["--quiet"]
     common += ["--config", str(args.config)] if args.config else []
-    args.stops, args.interrupted = [], threading.Event()
-    stop_all_on_signals(args)
-    started = time.monotonic()
-    for mode, n, seed, kill in plan(args):
-        name = f"{mode}-n{n}-s{seed}" + ("-kill" if kill else "")
-        run_dir = args.out / "runs" / name
-        if is_run_dir(run_dir):
-            continue
-        try:
-            one_run(mode, n, run_dir, [*common, "--seed", str(seed)], args, kill)
-        except KeyboardInterrupt:
-            print(f"[compare] interrupted during {name}; rerun to continue", file=sys.stderr)
-            return 130
-        print(f"[compare] {name} done at {time.monotonic() - started:.0f} s", flush=True)
-    for path in write_report([args.out / "runs"], args.out):
-        print(f"[compare] wrote {path}")
+    args.interrupted = threading.Event()
+    with signals_to_event(args.interrupted):  # SIGINT, SIGTERM: the comparison ends
+        started = time.monotonic()
+        for mode, n, seed, kill in plan(args):
+            name = f"{mode}-n{n}-s{seed}" + ("-kill" if kill else "")
+            run_dir = args.out / "runs" / name
+            if is_run_dir(run_dir):
+                continue
+            try:
+                one_run(mode, n, run_dir, [*common, "--seed", str(seed)], args, kill)
+            except KeyboardInterrupt:
+                print(f"[compare] interrupted during {name}; rerun to continue", file=sys.stderr)
+                return 130
+            print(f"[compare] {name} done at {time.monotonic() - started:.0f} s", flush=True)
+        for path in write_report([args.out / "runs"], args.out):
+            print(f"[compare] wrote {path}")
     return 0
 
 

@@ -24,13 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import tomllib
-
-from gossipdqn.config import config_from_dict
-from gossipdqn.dqn.envs import make_vector_env, spec_of
-from gossipdqn.dqn.evaluate import evaluate
-from gossipdqn.dqn.learner import Learner
-from gossipdqn.node.checkpoint import load_checkpoint
+from gossipdqn.node.checkpoint import evaluate_checkpoint
 
 STOP = ["train.stop_at_threshold=true", "train.total_steps=50000", "eval.consecutive=1"]
 """Issue 3's protocol; a variant's own --set (after these) wins, e.g. eval.consecutive=2."""
@@ -53,13 +47,7 @@ PROBE_SEED = 777_777
 
 def probe(checkpoint: Path, episodes: int) -> list[float]:
     """Returns of the checkpoint's online net on `episodes` greedy episodes (fixed seeds)."""
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(tomllib.loads(state["config"]))
-    env = make_vector_env(cfg.env, num_envs=1)
-    learner = Learner(spec_of(env), cfg.network, cfg.learner, seed=cfg.seed)
-    env.close()
-    learner.load_state_dict(state["learner"])
-    return list(evaluate(learner.q_values, cfg.env, episodes, seed=PROBE_SEED).returns)
+    return list(evaluate_checkpoint(checkpoint, episodes, seed=PROBE_SEED)[1].returns)
 
 
 def node_row(node_dir: Path, probe_episodes: int) -> dict:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,20 +13,20 @@ from pathlib import Path
 from gossipdqn import __version__
 from gossipdqn.cluster.hosts import HostsError
 from gossipdqn.cluster.local import run_local
+from gossipdqn.cluster.procs import signals_to_event
 from gossipdqn.cluster.ssh import (
     add_launch_arguments,
     resolve_env_peers,
     resolve_slurm_peers,
     run_launch,
 )
-from gossipdqn.config import Config, ConfigError, config_from_dict, load_config
-from gossipdqn.dqn.envs import EnvError, make_vector_env, spec_of
-from gossipdqn.dqn.evaluate import evaluate
-from gossipdqn.dqn.learner import Learner
+from gossipdqn.config import Config, ConfigError, load_config
+from gossipdqn.dqn.envs import EnvError
+from gossipdqn.gossip.nodes import gossip_node
 from gossipdqn.net.keys import SecurityError, generate_keys
 from gossipdqn.net.transport import TransportError
-from gossipdqn.node.checkpoint import load_checkpoint
-from gossipdqn.node.node import CHECKPOINT_NAME, Node, gossip_node
+from gossipdqn.node.checkpoint import CHECKPOINT_NAME, evaluate_checkpoint
+from gossipdqn.node.node import Node
 
 
 class UsageError(Exception):
@@ -71,27 +68,15 @@ def resolve_run_dir(args: argparse.Namespace, cfg: Config) -> Path:
     return args.run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM, so the loop ends cleanly and checkpoints."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
-
-
 def run_node(node: Node, args: argparse.Namespace) -> dict:
-    """Restore when resuming, run until done or signalled, close; the summary."""
-    stop = stop_on_signals()
-    try:
-        if args.resume is not None and (args.resume / CHECKPOINT_NAME).is_file():
-            node.restore(args.resume / CHECKPOINT_NAME)
-        return node.run(stop)
-    finally:
-        node.close()
+    """Restore when resuming, run until done or signalled (SIGINT, SIGTERM), close; the summary."""
+    with signals_to_event() as stop:
+        try:
+            if args.resume is not None and (args.resume / CHECKPOINT_NAME).is_file():
+                node.restore(args.resume / CHECKPOINT_NAME)
+            return node.run(stop)
+        finally:
+            node.close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -117,6 +102,16 @@ def parse_peers(text: str) -> list[str]:
     return peers
 
 
+def add_peer_arguments(parser: argparse.ArgumentParser, rank_help: str) -> None:
+    """Where a process of a multi-process run sits: --rank and --peers, --slurm, or --hosts."""
+    add = parser.add_argument
+    add("--rank", type=int, help=rank_help)
+    add("--peers", help="host:port of every process of the run, in rank order")
+    add("--bind", help="address or interface to bind (default: the peer host)")
+    add("--slurm", action="store_true", help="rank and peers from Slurm (srun)")
+    add("--hosts", help="torchrun style: peers from this hosts file, rank from RANK")
+
+
 def node_peers(args: argparse.Namespace) -> list[str]:
     """The node's rank (set on `args`) and peer list: from --slurm, RANK + --hosts, or flags."""
     if args.slurm:
@@ -136,12 +131,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     if not 0 <= args.rank < len(peers):
         raise UsageError(f"--rank {args.rank}: expected 0..{len(peers) - 1} for {len(peers)} peers")
     cfg = resolve_config(args)
-    if args.resume is None:
-        cfg = dataclasses.replace(cfg, seed=cfg.seed + args.rank)
     run_dir = resolve_run_dir(args, cfg)
     node = gossip_node(
         cfg, run_dir, rank=args.rank, addresses=peers, bind_host=args.bind,
-        run_id=args.run_id, quiet=args.quiet,
+        run_id=args.run_id, resumed=args.resume is not None, quiet=args.quiet,
     )  # fmt: skip
     run_node(node, args)
     return 0
@@ -155,9 +148,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     passthrough = forwarded_options(args)
     if not args.quiet:
         print(f"gossipdqn: {args.n} nodes training {cfg.env.id} into {run_dir}", flush=True)
-    code = run_local(
-        args.n, run_dir, passthrough, stop_on_signals(), resume=args.resume is not None
-    )
+    with signals_to_event() as stop:
+        code = run_local(args.n, run_dir, passthrough, stop, resume=args.resume is not None)
     if not args.quiet:
         print_local_summary(json.loads((run_dir / "summary.json").read_text()))
     return code
@@ -198,20 +190,20 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         raise UsageError("-n and --actors-scale: expected at least 1")
     cfg = resolve_config(args)
     run_dir = resolve_run_dir(args, cfg)
-    stop = stop_on_signals()
     if args.mode == "single":
         cfg = run.scale_actors(cfg, args.actors_scale)
         run_node(Node(cfg, run_dir / "node-0", quiet=args.quiet, label="[single]"), args)
         run.write_summary(run_dir, "single", [0], {"actors_scale": args.actors_scale})
         return 0
     passthrough = forwarded_options(args)
-    if args.mode == "ps":
-        commands = run.ps_commands(args.n, run_dir, passthrough, args.pull_every)
-        codes, _ = run.run_group(commands, stop, workers=slice(1, None))
-        codes = codes[1:]
-    else:
-        commands = run.allreduce_commands(args.n, run_dir, passthrough)
-        codes, _ = run.run_group(commands, stop, workers=slice(None))
+    with signals_to_event() as stop:
+        if args.mode == "ps":
+            commands = run.ps_commands(args.n, run_dir, passthrough, args.pull_every)
+            codes, _ = run.run_group(commands, stop, workers=slice(1, None))
+            codes = codes[1:]
+        else:
+            commands = run.allreduce_commands(args.n, run_dir, passthrough)
+            codes, _ = run.run_group(commands, stop, workers=slice(None))
     summary = run.write_summary(run_dir, args.mode, codes, {})
     if not args.quiet:
         print(json.dumps(summary, indent=2))
@@ -225,10 +217,11 @@ def cmd_baseline_worker(args: argparse.Namespace) -> int:
     if not 0 <= args.rank < len(peers):
         raise UsageError(f"--rank {args.rank}: expected 0..{len(peers) - 1} for {len(peers)} peers")
     cfg = resolve_config(args)
-    return run_worker(
-        args.role, cfg, resolve_run_dir(args, cfg), args.rank, peers, stop=stop_on_signals(),
-        bind=args.bind, quiet=args.quiet, pull_every=args.pull_every,
-    )  # fmt: skip
+    with signals_to_event() as stop:
+        return run_worker(
+            args.role, cfg, resolve_run_dir(args, cfg), args.rank, peers, stop=stop,
+            bind=args.bind, quiet=args.quiet, pull_every=args.pull_every,
+        )  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -262,13 +255,7 @@ def add_baseline_parsers(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser("baseline-worker", help="one process of a baseline (used by baseline)")
     worker.add_argument("--role", required=True, choices=("ps-server", "ps-worker", "allreduce"))
-    worker.add_argument("--rank", type=int, help="position in --peers (ps: 0 is the server)")
-    worker.add_argument("--peers", help="host:port of every process, in rank order")
-    worker.add_argument("--bind", help="address or interface to bind (default: the peer host)")
-    worker.add_argument("--slurm", action="store_true", help="rank and peers from Slurm (srun)")
-    worker.add_argument(
-        "--hosts", help="torchrun style: peers from this hosts file, rank from RANK"
-    )
+    add_peer_arguments(worker, "position in --peers (ps: 0 is the server)")
     worker.add_argument("--pull-every", type=int, default=1, help="ps: updates between pulls")
     add_run_arguments(worker)
     worker.set_defaults(func=cmd_baseline_worker)
@@ -279,27 +266,13 @@ def add_baseline_parsers(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=cmd_report)
 
 
-def _checkpoint_file(path: Path) -> Path:
-    return path / CHECKPOINT_NAME if path.is_dir() else path
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    path = _checkpoint_file(args.checkpoint)
     try:
-        state = load_checkpoint(path)
+        cfg, result = evaluate_checkpoint(
+            args.checkpoint, args.episodes, seed=args.seed, eps=args.eps, device=args.device
+        )
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    import tomllib
-
-    cfg = config_from_dict(tomllib.loads(state["config"]))
-    if args.device:
-        cfg = config_from_dict(tomllib.loads(state["config"]), [f'learner.device="{args.device}"'])
-    env = make_vector_env(cfg.env, num_envs=1)
-    spec = spec_of(env)
-    env.close()
-    learner = Learner(spec, cfg.network, cfg.learner, seed=cfg.seed)
-    learner.load_state_dict(state["learner"])
-    result = evaluate(learner.q_values, cfg.env, args.episodes, seed=args.seed, eps=args.eps)
     if args.json:
         print(json.dumps({"mean": result.mean, "std": result.std, "returns": result.returns}))
     else:
@@ -330,11 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     node = sub.add_parser("node", help="run one gossip node (rank R of a peer list)")
-    node.add_argument("--rank", type=int, help="this node's position in --peers")
-    node.add_argument("--peers", help="host:port of every node, in rank order")
-    node.add_argument("--bind", help="address or interface to bind (default: the peer host)")
-    node.add_argument("--slurm", action="store_true", help="rank and peers from Slurm (srun)")
-    node.add_argument("--hosts", help="torchrun style: peers from this hosts file, rank from RANK")
+    add_peer_arguments(node, "this node's position in --peers")
     node.add_argument("--run-id", help="id shared by every node of a run (default: derived)")
     add_run_arguments(node)
     node.set_defaults(func=cmd_node)

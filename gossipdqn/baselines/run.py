@@ -18,9 +18,10 @@ from typing import Any
 from gossipdqn.baselines import ExchangeLost
 from gossipdqn.baselines.allreduce import AllReduceExchange
 from gossipdqn.baselines.ps import Link, ServerExchange, ps_transport, run_server
-from gossipdqn.cluster.local import combined_summary, free_ports, start_nodes, stop_nodes
+from gossipdqn.cluster import procs
+from gossipdqn.cluster.local import combined_summary, free_ports
 from gossipdqn.config import Config
-from gossipdqn.node.node import Node, default_run_id
+from gossipdqn.node.node import Node, default_run_id, node_of_rank
 
 LOST_EXIT = 3
 """Exit code of a worker that lost its server or its all-reduce group."""
@@ -102,18 +103,19 @@ def run_group(
     commands: list[list[str]], stop: threading.Event, *, workers: slice, kill: Kill | None = None
 ) -> tuple[list[int], dict[str, Any] | None]:
     """Run the processes until the `workers` among them exit (or `stop`); exit codes, kill."""
-    procs = start_nodes(commands)
-    killed = None
+    group = [child.proc for child in procs.start_group(commands)]
+    killed: dict[str, Any] = {}
+
+    def inject() -> None:
+        if kill is not None and not killed and last_step(kill.watch) >= kill.at_step:
+            group[kill.victim].kill()
+            killed.update(victim=kill.victim, at_step=last_step(kill.watch), at_s=time.time())
+
     try:
-        while not stop.is_set() and any(p.poll() is None for p in procs[workers]):
-            stop.wait(0.5)
-            if kill is not None and killed is None and last_step(kill.watch) >= kill.at_step:
-                procs[kill.victim].kill()
-                killed = {"victim": kill.victim, "at_step": last_step(kill.watch),
-                          "at_s": time.time()}  # fmt: skip
+        procs.watch(group[workers], stop, on_poll=inject, poll_s=0.5)
     finally:
-        stop_nodes(procs)
-    return [p.returncode for p in procs], killed
+        procs.stop(group)
+    return [p.returncode for p in group], killed or None
 
 
 def write_summary(
@@ -157,24 +159,21 @@ def run_worker(
         finally:
             link.transport.close()
         return 0
-    first = 1 if role == "ps-worker" else 0
-    world, envs = len(peers) - first, cfg.env.num_envs
-    cfg = dataclasses.replace(cfg, seed=cfg.seed + rank - first)
+    first = 1 if role == "ps-worker" else 0  # the server is rank 0 of a ps run's peers
     if role == "allreduce":  # a threshold stop would be one worker's; lockstep needs all
         cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, stop_at_threshold=False)
         )
-    node = Node(
-        cfg, run_dir, quiet=quiet, label=f"[{role} {rank}]",
-        actor_offset=(rank - first) * envs, total_actors=world * envs,
-    )  # fmt: skip
+    node = node_of_rank(
+        cfg, run_dir, rank - first, len(peers) - first, quiet=quiet, label=f"[{role} {rank}]"
+    )
     if role == "ps-worker":
         try:
-            link = Link(rank, run_id, ps_transport(cfg, rank, peers, bind), cfg.gossip)
+            link = Link(rank, run_id, ps_transport(node.cfg, rank, peers, bind), cfg.gossip)
         except BaseException:
             node.close()
             raise
         return _run_node(node, ServerExchange(link, stop, pull_every=pull_every), stop)
     timeout_s = max(60.0, 6 * cfg.gossip.peer_timeout_s)
-    exchange = AllReduceExchange(rank, world, peers[0], stop, timeout_s=timeout_s)
+    exchange = AllReduceExchange(rank, len(peers), peers[0], stop, timeout_s=timeout_s)
     return _run_node(node, exchange, stop)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import subprocess
 import sys
 import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-STOP_GRACE_S = 15.0
-"""How long nodes get to checkpoint and exit after a stop signal before they are killed."""
+from gossipdqn.cluster import procs
+from gossipdqn.cluster.procs import STOP_GRACE_S
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -34,43 +32,6 @@ def node_command(
         sys.executable, "-m", "gossipdqn", "node", "--rank", str(rank),
         "--peers", ",".join(addresses), where, str(run_dir / f"node-{rank}"), *passthrough,
     ]  # fmt: skip
-
-
-def _pump(stream: Any, out: Any) -> None:
-    for line in stream:
-        out.write(line)
-        out.flush()
-
-
-def start_nodes(commands: list[list[str]]) -> list[subprocess.Popen]:
-    """Start every node; their output goes to ours, line by line."""
-    procs = []
-    for cmd in commands:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
-        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout), daemon=True).start()
-        procs.append(proc)
-    return procs
-
-
-def stop_nodes(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGINT to every live node (they checkpoint and exit), SIGKILL to any still there after."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_nodes(procs: list[subprocess.Popen], stop: threading.Event) -> None:
-    """Until every node has exited or `stop` is set."""
-    while not stop.is_set() and any(p.poll() is None for p in procs):
-        stop.wait(0.2)
 
 
 def combined_summary(run_dir: Path, codes: list[int]) -> dict[str, Any]:
@@ -104,12 +65,13 @@ def run_local(
     addresses = [f"127.0.0.1:{p}" for p in free_ports(n)]
     run_dir.mkdir(parents=True, exist_ok=True)
     commands = [node_command(r, addresses, run_dir, passthrough, resume=resume) for r in range(n)]
-    procs = start_nodes(commands)
+    # node output goes to ours unprefixed: a node's progress lines carry their own label
+    nodes = [child.proc for child in procs.start_group(commands)]
     try:
-        wait_nodes(procs, stop)
+        procs.watch(nodes, stop)
     finally:
-        stop_nodes(procs)
-    codes = [p.returncode for p in procs]
+        procs.stop(nodes, STOP_GRACE_S)
+    codes = [p.returncode for p in nodes]
     summary = combined_summary(run_dir, codes)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for rank, code in enumerate(codes):

@@ -11,19 +11,17 @@ import contextlib
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
 
 import gossipdqn
+from gossipdqn.cluster import procs
 from gossipdqn.cluster.hosts import (
     DEFAULT_PORT,
     HostsError,
@@ -113,15 +111,6 @@ class LaunchPlan:
         return list(dict.fromkeys(node.spec.target for node in self.nodes))
 
 
-@dataclass(frozen=True)
-class Running:
-    """A started node: its address, its local ssh client and the thread that prints its output."""
-
-    node: NodeAddress
-    proc: subprocess.Popen[bytes]
-    reader: threading.Thread
-
-
 def env_pair(text: str) -> tuple[str, str]:
     """argparse type for `--env KEY=VALUE`."""
     key, sep, value = text.partition("=")
@@ -184,78 +173,43 @@ def _probe(target: str, argv: list[str], version: str, timeout: float) -> str | 
     return None
 
 
-def start_nodes(plan: LaunchPlan, lock: threading.Lock) -> list[Running]:
+def start_nodes(plan: LaunchPlan) -> list[procs.Child]:
     """Start every node's ssh client in its own session, each output line prefixed by rank."""
-    running = []
-    for node in plan.nodes:
-        proc = subprocess.Popen(
-            plan.node_command(node),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        assert proc.stdout is not None
-        reader = threading.Thread(
-            target=_pump, args=(proc.stdout, f"[rank {node.rank}] ", lock), daemon=True
-        )
-        reader.start()
-        running.append(Running(node, proc, reader))
-    return running
+    commands = [plan.node_command(node) for node in plan.nodes]
+    prefixes = [f"[rank {node.rank}] " for node in plan.nodes]
+    return procs.start_group(commands, prefixes, pipe_stdin=True, new_session=True)
 
 
-def _pump(stream: IO[bytes], prefix: str, lock: threading.Lock) -> None:
-    """Copy a node's output to our stdout line by line, with its rank in front."""
-    for raw in iter(stream.readline, b""):
-        with lock:
-            print(prefix + raw.decode(errors="replace").rstrip("\r\n"), flush=True)
-    stream.close()
-
-
-def watch(running: Sequence[Running], stop: threading.Event, keep_going: bool) -> int:
+def watch(
+    plan: LaunchPlan, running: Sequence[procs.Child], stop: threading.Event, keep_going: bool
+) -> int:
     """Wait until every node ends or `stop` is set; stop early at a fatal exit unless keep_going."""
-    pending = {item.node.rank: item for item in running}
-    failed = 0
-    while pending and not stop.is_set():
-        for rank, item in list(pending.items()):
-            code = item.proc.poll()
-            if code is None:
-                continue
-            del pending[rank]
-            if code:
-                why = "ssh failed" if code == 255 else f"exited with code {code}"
-                then = "; the others go on" if keep_going else "; stopping every node"
-                _say(f"rank {rank} on {item.node.spec.target} {why}{then}")
-                failed = failed or code
-                if not keep_going:
-                    return code
-        stop.wait(0.2)
-    return failed
+
+    def fatal(index: int, code: int) -> bool:
+        if code:
+            node = plan.nodes[index]
+            why = "ssh failed" if code == 255 else f"exited with code {code}"
+            then = "; the others go on" if keep_going else "; stopping every node"
+            _say(f"rank {node.rank} on {node.spec.target} {why}{then}")
+        return bool(code) and not keep_going
+
+    exits = procs.watch([child.proc for child in running], stop, on_exit=fatal)
+    return next((code for code in exits.values() if code), 0)
 
 
-def stop_nodes(plan: LaunchPlan, running: Sequence[Running]) -> None:
+def stop_nodes(plan: LaunchPlan, running: Sequence[procs.Child]) -> None:
     """Ask every live node to stop (end its ssh stdin), then kill what is left, remotely too."""
-    live = [item for item in running if item.proc.poll() is None]
-    for item in running:
-        with contextlib.suppress(OSError):
-            item.proc.stdin.close()  # type: ignore[union-attr]
     grace = plan.remote.grace + plan.ssh.connect_timeout
-    deadline = time.monotonic() + grace
-    for item in live:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            item.proc.wait(max(0.0, deadline - time.monotonic()))
-    stuck = [item for item in live if item.proc.poll() is None]
+    clients = [child.proc for child in running]
+    stuck = procs.ask_to_stop(clients, grace, ask=procs.close_stdin)
     if stuck:
-        _say(f"ranks {[item.node.rank for item in stuck]} did not stop in {grace:g} s; killing")
+        nodes = [node for node, proc in zip(plan.nodes, clients) if proc in stuck]
+        _say(f"ranks {[node.rank for node in nodes]} did not stop in {grace:g} s; killing")
         timeout = plan.ssh.connect_timeout + 10
-        with ThreadPoolExecutor(max_workers=min(32, len(stuck))) as pool:
-            list(pool.map(lambda item: _run_quietly(plan.kill_command(item.node), timeout), stuck))
-    for item in stuck:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(item.proc.pid, signal.SIGKILL)
-        item.proc.wait()
-    for item in running:
-        item.reader.join(timeout=5)
+        with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
+            list(pool.map(lambda node: _run_quietly(plan.kill_command(node), timeout), nodes))
+    procs.kill(stuck, session=True)
+    procs.join_output(running, timeout_s=5)
 
 
 def _run_quietly(argv: list[str], timeout: float) -> None:
@@ -291,18 +245,6 @@ def _untar_from(argv: list[str], dest: Path) -> str | None:
     return f"copy failed (exit {proc.returncode})" if proc.returncode else None
 
 
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM set `stop` instead of raising."""
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_launch(args: argparse.Namespace) -> int:
     """`gossipdqn launch`: preflight, start every node, stream, stop all; the exit code."""
     try:
@@ -325,11 +267,10 @@ def run_launch(args: argparse.Namespace) -> int:
             _say(f"  {failure}")
         return 2
     _say(f"starting {len(plan.nodes)} nodes on {len(plan.targets())} hosts")
-    stop = threading.Event()
-    with stop_on_signals(stop):
-        running = start_nodes(plan, threading.Lock())
+    with procs.signals_to_event() as stop:
+        running = start_nodes(plan)
         try:
-            code = watch(running, stop, args.keep_going)
+            code = watch(plan, running, stop, args.keep_going)
         finally:
             stop_nodes(plan, running)
     if args.collect is not None:

@@ -64,6 +64,16 @@ class FrameReplay(ReplayBuffer):
         self.written = 0
         self.streams: dict[int, _Stream] = {}
 
+    stores_frames = True
+
+    def add_step(
+        self, stream: int, transitions: Transitions | None, step: VectorStep | None
+    ) -> np.ndarray:
+        """Store one vector step of `stream` from its raw `step` (or whole `transitions`)."""
+        if step is None:
+            return super().add_step(stream, transitions, step)
+        return self.add_steps(stream, step)
+
     def add_steps(self, stream: int, step: VectorStep) -> np.ndarray:
         """Store one vector step of `stream` (one frame per env); returns the slots written."""
         state = self.streams.get(stream)
@@ -146,10 +156,6 @@ class FrameReplay(ReplayBuffer):
         obs_ids, actions, rewards, next_ids, discounts = super()._gather(slots)
         obs, next_obs = self.stacks(obs_ids)[0], self.stacks(next_ids)[0]
         return Transitions(obs, actions, rewards, next_obs, discounts)
-
-    def transitions(self, slots: np.ndarray) -> Transitions:
-        """The transitions in `slots` with whole stacks (to share with peers)."""
-        return self._gather(slots)
 
     def state_dict(self) -> dict:
         """Transition ids and counters as `ReplayBuffer` keeps them, plus the frame ring."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gossipdqn.types import SampledBatch, Transitions
+from gossipdqn.types import SampledBatch, Transitions, VectorStep
 
 _FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
 
@@ -78,9 +78,23 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
+    stores_frames = False
+    """Whether the buffer stores raw vector steps' frames (`FrameReplay`) or whole transitions."""
+
     @property
     def prioritized(self) -> bool:
         return self.tree is not None
+
+    def add_step(
+        self, stream: int, transitions: Transitions | None, step: VectorStep | None
+    ) -> np.ndarray:
+        """Store what one vector step of actor `stream` produced; returns the slots written.
+
+        This buffer takes the step's n-step `transitions`; `FrameReplay` takes the raw `step`.
+        """
+        if transitions is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.add(transitions)
 
     def add(self, batch: Transitions) -> np.ndarray:
         """Append a batch (overwriting the oldest when full); returns the slots written."""
@@ -151,6 +165,10 @@ class ReplayBuffer:
         n = min(n, self.size)
         priorities = self.tree.get(np.arange(self.size))
         return self._gather(np.argpartition(-priorities, n - 1)[:n] if n else np.zeros(0, int))
+
+    def transitions(self, slots: np.ndarray) -> Transitions:
+        """The transitions in `slots`, whole (to share with peers)."""
+        return self._gather(slots)
 
     def _gather(self, slots: np.ndarray) -> Transitions:
         return Transitions(*(getattr(self, name)[slots] for name in _FIELDS))

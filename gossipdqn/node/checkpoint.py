@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 
+from gossipdqn.config import Config, config_from_dict
+from gossipdqn.dqn.envs import make_vector_env, spec_of
+from gossipdqn.dqn.evaluate import evaluate
+from gossipdqn.dqn.learner import Learner
+from gossipdqn.types import EvalResult
+
+CHECKPOINT_NAME = "checkpoint.pt"
+"""A node's checkpoint file inside its run dir."""
 _NUMPY_TAG = "__numpy__"
 
 
@@ -62,3 +71,23 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path}: no checkpoint there; expected a file from a gossipdqn run"
         )
     return _from_storable(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def checkpoint_file(path: Path) -> Path:
+    """`path` itself, or the checkpoint inside it when it is a run dir."""
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def evaluate_checkpoint(
+    path: Path, episodes: int, *, seed: int, eps: float = 0.0, device: str | None = None
+) -> tuple[Config, EvalResult]:
+    """Greedy (or `eps`-greedy) evaluation of the online net saved at `path` (file or run dir),
+    on fresh environments seeded from `seed`; the run's config and the result."""
+    state = load_checkpoint(checkpoint_file(path))
+    overrides = [f'learner.device="{device}"'] if device else []
+    cfg = config_from_dict(tomllib.loads(state["config"]), overrides)
+    env = make_vector_env(cfg.env, num_envs=1)
+    learner = Learner(spec_of(env), cfg.network, cfg.learner, seed=cfg.seed)
+    env.close()
+    learner.load_state_dict(state["learner"])
+    return cfg, evaluate(learner.q_values, cfg.env, episodes, seed=seed, eps=eps)

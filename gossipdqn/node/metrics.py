@@ -91,13 +91,33 @@ def format_progress(prefix: str, record: Mapping[str, Any]) -> str:
         ("loss", "loss {:.4f}"),
         ("epsilon", "eps {:.3f}"),
         ("peers_alive", "peers {}"),
+        ("params_mixed_per_s", "mixed {:.1f}/s"),
     )
     for key, fmt in fields:
         value = record.get(key)
         if value is not None:
             parts.append(fmt.format(value))
+    if record.get("mixing_stalled"):
+        parts.append("mixing stalled")
     return "  ".join(parts)
 
 
 def print_progress(line: str, stream: TextIO = sys.stdout) -> None:
     print(line, file=stream, flush=True)
+
+
+class LineClock:
+    """When a progress line is due (every `every_s` seconds), and the env steps/s since the last."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.last, self.steps = every_s, time.monotonic(), 0
+
+    def speed_if_due(self, steps: int) -> float | None:
+        """Env steps per second since the last line when a line is due now, else None."""
+        now = time.monotonic()
+        elapsed = now - self.last
+        if elapsed < self.every_s:
+            return None
+        speed = (steps - self.steps) / elapsed
+        self.last, self.steps = now, steps
+        return speed

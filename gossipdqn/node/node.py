@@ -9,44 +9,28 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from gossipdqn.config import Config, config_to_toml
+from gossipdqn.config import Config, EvalConfig, ReplayConfig, config_to_toml
 from gossipdqn.dqn.actors import Actors
 from gossipdqn.dqn.envs import make_vector_env, spec_of
 from gossipdqn.dqn.evaluate import evaluate
-from gossipdqn.dqn.frame_replay import FrameReplay, make_replay
+from gossipdqn.dqn.frame_replay import make_replay
 from gossipdqn.dqn.learner import Learner, Prefetcher
-from gossipdqn.dqn.networks import fingerprint
-from gossipdqn.dqn.replay import ReplayBuffer
-from gossipdqn.gossip.protocol import Gossip, ObsBounds
-from gossipdqn.net.transport import Transport
+from gossipdqn.exchange import Exchange
 from gossipdqn.node.actor_processes import ActorPool, Received
-from gossipdqn.node.checkpoint import load_checkpoint, save_checkpoint
-from gossipdqn.node.metrics import MetricsLog, PhaseTimer, format_progress, print_progress
+from gossipdqn.node.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from gossipdqn.node.metrics import (
+    LineClock,
+    MetricsLog,
+    PhaseTimer,
+    format_progress,
+    print_progress,
+)
 from gossipdqn.types import EvalResult, SampledBatch, Transitions, VectorStep
-
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class Exchange(Protocol):
-    """How a node trades knowledge with others (gossip, a parameter server, all-reduce)."""
-
-    def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
-        """Called once, when the node has built the parts the exchange works on."""
-
-    def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
-        """Called after every actor step with the transitions it produced."""
-
-    def after_update(self, updates: int) -> None:
-        """Called after every learner update."""
-
-    def metrics(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -63,6 +47,32 @@ class Progress:
     last_eval: float | None = None
     evals_at_threshold: int = 0
 
+    def beta(self, cfg: ReplayConfig) -> float:
+        """The importance-sampling exponent, annealed from beta_start to 1 over beta_steps."""
+        frac = min(1.0, self.env_steps / cfg.beta_steps)
+        return cfg.beta_start + frac * (1.0 - cfg.beta_start)
+
+    def count_eval(self, mean: float, cfg: EvalConfig) -> bool:
+        """Record a periodic evaluation; whether the threshold is now met `consecutive` times."""
+        self.last_eval = mean
+        self.evals_at_threshold = self.evals_at_threshold + 1 if mean >= cfg.threshold else 0
+        reached = self.evals_at_threshold >= cfg.consecutive
+        if reached and self.steps_to_threshold is None:
+            self.steps_to_threshold, self.seconds_to_threshold = self.env_steps, self.train_s
+        return reached
+
+    def summary(self, final: EvalResult | None, *, interrupted: bool) -> dict[str, Any]:
+        """The counters and the final evaluation, as `summary.json` holds them."""
+        return {
+            "env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
+            "wall_s": self.train_s, "interrupted": interrupted,
+            "final_eval_return_mean": final.mean if final else None,
+            "final_eval_return_std": final.std if final else None,
+            "final_eval_returns": list(final.returns) if final else None,
+            "steps_to_threshold": self.steps_to_threshold,
+            "seconds_to_threshold": self.seconds_to_threshold,
+        }  # fmt: skip
+
 
 @dataclasses.dataclass
 class Window:
@@ -74,6 +84,15 @@ class Window:
     env_steps: int = 0
     updates: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def record(self) -> dict[str, Any]:
+        """Means and rates over the window."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "return_mean": _mean(self.returns), "loss": _mean(self.losses),
+            "mean_q": _mean(self.mean_qs), "env_steps_per_s": self.env_steps / elapsed,
+            "updates_per_s": self.updates / elapsed,
+        }  # fmt: skip
 
 
 class Node:
@@ -105,7 +124,7 @@ class Node:
         self.pool: ActorPool | None = None
         if cfg.actor.processes:
             self.pool = ActorPool(
-                cfg, frames=isinstance(self.replay, FrameReplay), device=self.learner.device,
+                cfg, frames=self.replay.stores_frames, device=self.learner.device,
                 policy=self.learner.online,
             )  # fmt: skip
         self.exchange: Exchange | None = None
@@ -115,22 +134,13 @@ class Node:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
         self.log = MetricsLog(self.run_dir)
-        self.last_line = time.monotonic()
+        self.line = LineClock(cfg.train.progress_every_s)
         self.recent: dict[str, Any] = {}
-        self.last_line_steps = 0
 
     def connect(self, exchange: Exchange) -> None:
         """Trade knowledge with others through `exchange` from now on."""
         self.exchange = exchange
         exchange.attach(self.learner, self.replay)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / CHECKPOINT_NAME
-
-    def beta(self) -> float:
-        frac = min(1.0, self.progress.env_steps / self.cfg.replay.beta_steps)
-        return self.cfg.replay.beta_start + frac * (1.0 - self.cfg.replay.beta_start)
 
     def updates_due(self) -> int:
         lc = self.cfg.learner
@@ -174,12 +184,9 @@ class Node:
     ) -> None:  # fmt: skip
         """Add one vector step's experience to replay and count it; tell the exchange."""
         with self.timer.phase("replay_add"), self.replay_lock:
-            if isinstance(self.replay, FrameReplay) and step is not None:
-                slots = self.replay.add_steps(stream, step)
-                if transitions is None and self.exchange is not None:
-                    transitions = self.replay.transitions(slots)
-            elif transitions is not None:
-                self.replay.add(transitions)
+            slots = self.replay.add_step(stream, transitions, step)
+            if transitions is None and self.exchange is not None:
+                transitions = self.replay.transitions(slots)
         self.progress.env_steps += env_steps
         self.progress.episodes += len(episode_returns)
         self.window.env_steps += env_steps
@@ -189,8 +196,9 @@ class Node:
                 self.exchange.after_env_step(self.progress.env_steps, transitions)
 
     def _sample(self) -> SampledBatch:
+        beta = self.progress.beta(self.cfg.replay)
         with self.replay_lock:
-            return self.replay.sample(self.cfg.learner.batch_size, self.beta())
+            return self.replay.sample(self.cfg.learner.batch_size, beta)
 
     def _update(self) -> None:
         with self.timer.phase("sample"):
@@ -217,11 +225,9 @@ class Node:
 
     def evaluate(self, episodes: int) -> EvalResult:
         """Greedy evaluation on separate environments, seeded apart from training."""
-        seed = self.cfg.seed + 1_000_003 * (self.progress.evals + 1)
         self.progress.evals += 1
-        return evaluate(
-            self.learner.q_values, self.cfg.env, episodes, seed=seed, eps=self.cfg.eval.eps
-        )
+        seed, eps = self.cfg.seed + 1_000_003 * self.progress.evals, self.cfg.eval.eps
+        return evaluate(self.learner.q_values, self.cfg.env, episodes, seed=seed, eps=eps)
 
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         """Train until total_steps, the threshold (when asked to stop there) or `stop`."""
@@ -250,13 +256,7 @@ class Node:
 
     def _periodic_eval(self) -> bool:
         result = self.evaluate(self.cfg.eval.episodes)
-        self.progress.last_eval = result.mean
-        met = result.mean >= self.cfg.eval.threshold
-        self.progress.evals_at_threshold = self.progress.evals_at_threshold + 1 if met else 0
-        reached = self.progress.evals_at_threshold >= self.cfg.eval.consecutive
-        if reached and self.progress.steps_to_threshold is None:
-            self.progress.steps_to_threshold = self.progress.env_steps
-            self.progress.seconds_to_threshold = self.progress.train_s
+        reached = self.progress.count_eval(result.mean, self.cfg.eval)
         self.log.write({
             "step": self.progress.env_steps, "wall_s": self.progress.train_s,
             "eval_return_mean": result.mean, "eval_return_std": result.std,
@@ -264,15 +264,10 @@ class Node:
         return reached
 
     def _record(self) -> dict[str, Any]:
-        w, p = self.window, self.progress
-        elapsed = max(time.perf_counter() - w.started, 1e-9)
+        p = self.progress
         record: dict[str, Any] = {"step": p.env_steps, "wall_s": p.train_s}
-        record |= {
-            "updates": p.updates, "episodes": p.episodes, "replay_size": len(self.replay),
-            "return_mean": _mean(w.returns), "loss": _mean(w.losses), "mean_q": _mean(w.mean_qs),
-            "epsilon": float(np.mean(self.actors.epsilon())),
-            "env_steps_per_s": w.env_steps / elapsed, "updates_per_s": w.updates / elapsed,
-        }  # fmt: skip
+        record |= {"updates": p.updates, "episodes": p.episodes, "replay_size": len(self.replay)}
+        record |= self.window.record() | {"epsilon": float(np.mean(self.actors.epsilon()))}
         record |= self.timer.split()
         if self.exchange is not None:
             record |= self.exchange.metrics()
@@ -282,38 +277,25 @@ class Node:
         return record
 
     def _maybe_progress_line(self) -> None:
-        now = time.monotonic()
-        elapsed = now - self.last_line
-        if elapsed < self.cfg.train.progress_every_s:
-            return
-        self.last_line = now
-        self.log.flush()
         steps = self.progress.env_steps
-        speed = (steps - self.last_line_steps) / elapsed
-        self.last_line_steps = steps
+        speed = self.line.speed_if_due(steps)
+        if speed is None:
+            return
+        self.log.flush()
         if not self.quiet:
             record = self.recent | {"step": steps, "env_steps_per_s": speed}
             record["eval_return_mean"] = self.progress.last_eval
             if self.exchange is not None:
-                record["peers_alive"] = self.exchange.metrics().get("peers_alive")
+                live = self.exchange.metrics()
+                record |= {k: live.get(k) for k in PROGRESS_EXCHANGE_KEYS}
             print_progress(format_progress(self.label, record))
 
     def finish(self, *, interrupted: bool) -> dict[str, Any]:
         """Final evaluation (unless interrupted), last checkpoint, `summary.json`."""
         final = None if interrupted else self.evaluate(self.cfg.eval.final_episodes)
         self.save()
-        p = self.progress
-        summary = {
-            "env_steps": p.env_steps, "updates": p.updates, "episodes": p.episodes,
-            "wall_s": p.train_s, "interrupted": interrupted,
-            "final_eval_return_mean": final.mean if final else None,
-            "final_eval_return_std": final.std if final else None,
-            "final_eval_returns": list(final.returns) if final else None,
-            "threshold": self.cfg.eval.threshold,
-            "steps_to_threshold": p.steps_to_threshold,
-            "seconds_to_threshold": p.seconds_to_threshold,
-            "time_split": self.timer.split(),
-        }  # fmt: skip
+        summary = self.progress.summary(final, interrupted=interrupted)
+        summary |= {"threshold": self.cfg.eval.threshold, "time_split": self.timer.split()}
         if self.exchange is not None:
             summary["exchange"] = self.exchange.metrics()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -327,6 +309,7 @@ class Node:
             "learner": self.learner.state_dict(),
             "actor": {"steps": self.actors.steps, "rng": self.actors.rng.bit_generator.state},
             "torch_rng": torch.get_rng_state(),
+            "exchange": self.exchange.state_dict() if self.exchange is not None else {},
         }
         if self.cfg.checkpoint.replay:
             state["replay"] = self.replay.state_dict()
@@ -334,19 +317,21 @@ class Node:
 
     def save(self) -> None:
         with self.timer.phase("checkpoint"):
-            save_checkpoint(self.checkpoint_path, self.state_dict())
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state_dict())
 
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint: nets, optimizer, counters, epsilon, RNGs, replay."""
         state = load_checkpoint(path)
         self.learner.load_state_dict(state["learner"])
         self.progress = Progress(**state["progress"])
-        self.last_line_steps = self.progress.env_steps
+        self.line.steps = self.progress.env_steps
         self.actors.steps = int(state["actor"]["steps"])
         self.actors.rng.bit_generator.state = state["actor"]["rng"]
         torch.set_rng_state(state["torch_rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        if self.exchange is not None and state.get("exchange"):
+            self.exchange.load_state_dict(state["exchange"])
         if self.pool is not None:  # actors (and the inference copy) act with the restored net
             self.pool.publish(self.progress.updates, self.progress.env_steps)
 
@@ -359,6 +344,10 @@ class Node:
             self.exchange.close()
         self.actors.close()
         self.log.close()
+
+
+PROGRESS_EXCHANGE_KEYS = ("peers_alive", "params_mixed_per_s", "mixing_stalled")
+"""What the progress line shows of an exchange's metrics (those it reports)."""
 
 
 def _next_multiple(value: int, every: int) -> int:
@@ -375,41 +364,16 @@ def default_run_id(name: str, addresses: list[str]) -> str:
     return hashlib.sha256("|".join([name, *addresses]).encode()).hexdigest()[:12]
 
 
-def gossip_node(
-    cfg: Config,
-    run_dir: Path,
-    *,
-    rank: int,
-    addresses: list[str],
-    bind_host: str | None = None,
-    run_id: str | None = None,
-    quiet: bool = False,
-) -> Node:
-    """A node that gossips with the peers at `addresses` (host:port, in rank order)."""
-    world = len(addresses)
-    num_envs = cfg.env.num_envs
-    node = Node(
-        cfg, run_dir, quiet=quiet, label=f"[node {rank}]",
-        actor_offset=rank * num_envs, total_actors=world * num_envs,
+def node_of_rank(
+    cfg: Config, run_dir: Path, rank: int, world: int, *,
+    resumed: bool = False, quiet: bool = False, label: str | None = None,
+) -> Node:  # fmt: skip
+    """Node `rank` of a run of `world` nodes: its seed is the run's plus `rank` (a resumed
+    node's saved config has it already), its actors are `rank * E ..` of `world * E` in all."""
+    if not resumed:
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + rank)
+    envs = cfg.env.num_envs
+    return Node(
+        cfg, run_dir, quiet=quiet, label=f"[node {rank}]" if label is None else label,
+        actor_offset=rank * envs, total_actors=world * envs,
     )  # fmt: skip
-    endpoints = [f"tcp://{a}" for a in addresses]
-    host, port = addresses[rank].rsplit(":", 1)
-    peers = {r: e for r, e in enumerate(endpoints) if r != rank}
-    transport = Transport(
-        rank, f"tcp://{bind_host or host}:{port}", peers, cfg.gossip, cfg.security, cfg.faults,
-        seed=cfg.seed,
-    )  # fmt: skip
-    try:
-        transport.start()
-    except BaseException:
-        node.close()
-        raise
-    space = node.actors.env.single_observation_space
-    gossip = Gossip(
-        rank, endpoints, transport, cfg.gossip,
-        run_id=run_id or default_run_id(cfg.name, addresses), spec=node.spec,
-        fingerprint=fingerprint(node.learner.online),
-        bounds=ObsBounds(np.asarray(space.low), np.asarray(space.high)), seed=cfg.seed,
-    )  # fmt: skip
-    node.connect(gossip)
-    return node

@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from gossipdqn.cluster.ssh import (
 from gossipdqn.cluster.supervisor import PIDFILE
 from gossipdqn.node.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = [
     sys.executable, "-c",
     "import argparse, sys\n"
@@ -337,7 +336,7 @@ def test_stubborn_node_is_killed_after_grace(workdir: Path, sshd: SshServer) -> 
 
 def test_lost_ssh_client_kills_the_remote_group(workdir: Path, sshd: SshServer) -> None:  # noqa: F811
     plan = build_plan(parse(launch_argv(workdir, sshd, fake_python(workdir))))
-    running = start_nodes(plan, threading.Lock())
+    running = start_nodes(plan)
     try:
         groups = node_groups(workdir)
         os.killpg(running[0].proc.pid, signal.SIGKILL)  # the local ssh client only

@@ -12,7 +12,7 @@ import torch
 from gossipdqn.gossip.mixing import push_sum_receive_many, push_sum_share
 from gossipdqn.gossip.topology import out_peers
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "consensus_sim.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "consensus_sim.py"
 
 
 @pytest.fixture(scope="module")

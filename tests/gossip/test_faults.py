@@ -25,9 +25,10 @@ from helpers.gossip_fixture import (
 )
 from test_gossip import read_peers
 
-from gossipdqn.cluster.local import node_command, stop_nodes
+from gossipdqn.cluster.local import node_command
+from gossipdqn.cluster.procs import stop as stop_processes
 from gossipdqn.config import ConfigError, load_config
-from gossipdqn.net.faults import Inbox
+from gossipdqn.net.queues import Inbox
 from gossipdqn.net.wire import Kind
 from gossipdqn.node.checkpoint import load_checkpoint
 
@@ -72,14 +73,16 @@ def test_byzantine_peer_is_clipped(tmp_path: Path, robust: str) -> None:
             byzantine.connect(address)
             byzantine.send(address, byzantine.hello(nodes[0]))
         start = max(float(params_of(n).abs().max()) for n in nodes)
-        peak, deadline = 0.0, time.monotonic() + 5
+        peak, deadline, sent = 0.0, time.monotonic() + 5, 0
         while time.monotonic() < deadline:
             step_until(nodes, lambda: True, timeout_s=1)
             flipped = -1000 * torch.stack([params_of(n) for n in nodes]).mean(0) / 3
+            sent += 1
             for address, node in zip(peers[:3], nodes):
                 frames = byzantine.message(
-                    Kind.PARAMS, {"params": flipped.numpy()}, round=node.exchange.round, w=1 / 3
-                )
+                    Kind.PARAMS, {"params": flipped.numpy()}, round=node.exchange.round,
+                    w=1 / 3, sum=sent / 3, to=node.exchange.incarnation,
+                )  # fmt: skip
                 byzantine.send(address, frames)
             peak = max([peak, *(float(params_of(n).abs().max()) for n in nodes)])
         if robust == "clip":
@@ -174,14 +177,16 @@ def test_sigterm_with_dead_peers_checkpoints_and_exits_within_5_s(tmp_path: Path
         proc.communicate(timeout=10)
         assert time.monotonic() - started < 5 and proc.returncode == 0
     finally:
-        stop_nodes([proc], grace_s=1)
+        stop_processes([proc], grace_s=1)
     state = load_checkpoint(tmp_path / "node-0" / "checkpoint.pt")
     assert state["progress"]["env_steps"] > 0
     assert json.loads((tmp_path / "node-0" / "summary.json").read_text())["interrupted"]
 
 
 def test_stopped_node_is_skipped_and_a_killed_one_resumes(tmp_path: Path) -> None:
+    # updates start before the first checkpoint, so every checkpoint holds Adam's moments
     sets = [*PROC_SETS, "checkpoint.every_steps=500", "checkpoint.replay=true"]
+    sets.append("learner.learning_starts=100")
     cmds = node_commands(tmp_path, 2, sets)
     procs = [popen(cmd) for cmd in cmds]
     try:
@@ -199,7 +204,7 @@ def test_stopped_node_is_skipped_and_a_killed_one_resumes(tmp_path: Path) -> Non
         read_peers(procs[1], 1)
         read_peers(procs[0], 1)
     finally:
-        stop_nodes(procs, grace_s=10)
+        stop_processes(procs, grace_s=10)
     final = load_checkpoint(tmp_path / "node-1" / "checkpoint.pt")
     assert final["progress"]["env_steps"] > saved["progress"]["env_steps"]
     assert final["actor"]["steps"] > saved["actor"]["steps"]  # epsilon goes on decaying

@@ -1,19 +1,19 @@
 """Gossip between real nodes: loopback TCP, real processes, hard timeouts, all cleaned up."""
 
-import dataclasses
 import json
 import signal
 import subprocess
 
 import torch
 
-from gossipdqn.cluster.local import free_ports, node_command, stop_nodes
+from gossipdqn.cluster.local import free_ports, node_command
+from gossipdqn.cluster.procs import stop as stop_processes
 from gossipdqn.config import load_config
 from gossipdqn.dqn.envs import make_vector_env, spec_of
 from gossipdqn.dqn.learner import Learner
 from gossipdqn.gossip.mixing import flatten
+from gossipdqn.gossip.nodes import gossip_node
 from gossipdqn.node.checkpoint import load_checkpoint
-from gossipdqn.node.node import gossip_node
 
 
 def build_nodes(tmp_path, n, overrides):
@@ -22,9 +22,8 @@ def build_nodes(tmp_path, n, overrides):
     nodes = []
     try:
         for rank in range(n):
-            seeded = dataclasses.replace(cfg, seed=cfg.seed + rank)  # as `gossipdqn node` does
             nodes.append(gossip_node(
-                seeded, tmp_path / f"node-{rank}", rank=rank, addresses=addresses, quiet=True
+                cfg, tmp_path / f"node-{rank}", rank=rank, addresses=addresses, quiet=True
             ))  # fmt: skip
     except BaseException:
         for node in nodes:
@@ -112,7 +111,7 @@ def test_three_processes_with_lr_zero_converge_to_initial_mean(tmp_path):
             out, _ = proc.communicate(timeout=240)
             assert proc.returncode == 0, out[-2000:]
     finally:
-        stop_nodes(procs, grace_s=5)
+        stop_processes(procs, grace_s=5)
     cfg = load_config(None, sets)
     mean = torch.stack([initial_params(cfg, r) for r in range(3)]).mean(0)
     spread = max((initial_params(cfg, r) - mean).norm() for r in range(3))
@@ -149,5 +148,5 @@ def test_killed_node_is_marked_dead_and_rejoins(tmp_path):
         read_peers(procs[0], 2)
         read_peers(procs[2], 2)
     finally:
-        stop_nodes(procs, grace_s=10)
+        stop_processes(procs, grace_s=10)
     assert [p.returncode for p in procs[:2]] == [0, 0]

@@ -15,9 +15,10 @@ from gossipdqn.cluster.local import free_ports
 from gossipdqn.config import load_config
 from gossipdqn.dqn.networks import fingerprint
 from gossipdqn.gossip.mixing import flatten
+from gossipdqn.gossip.nodes import gossip_node
 from gossipdqn.net.keys import NodeKeys
 from gossipdqn.net.wire import Kind, Message, encode
-from gossipdqn.node.node import Node, default_run_id, gossip_node
+from gossipdqn.node.node import Node, default_run_id
 
 FAST = [
     "env.num_envs=4", "network.hidden=[16,16]", "learner.learning_starts=64",
@@ -38,9 +39,8 @@ def build(tmp_path: Path, peers: list[str], ranks: Sequence[int], overrides: lis
     nodes: list[Node] = []
     try:
         for rank in ranks:
-            seeded = dataclasses.replace(cfg, seed=cfg.seed + rank)  # as `gossipdqn node` does
             nodes.append(gossip_node(
-                seeded, tmp_path / f"node-{rank}", rank=rank, addresses=peers, quiet=True
+                cfg, tmp_path / f"node-{rank}", rank=rank, addresses=peers, quiet=True
             ))  # fmt: skip
     except BaseException:
         close_all(nodes)
@@ -77,6 +77,7 @@ class FakePeer:
     context: zmq.Context
     keys: NodeKeys | None = None
     incarnation: int = 1
+    generation: int = 0
     seq: int = 0
     sockets: dict[str, zmq.Socket] = dataclasses.field(default_factory=dict)
 
@@ -96,7 +97,7 @@ class FakePeer:
     ) -> list:
         """Frames of a well-formed message with the next sequence number."""
         self.seq += 1
-        meta = {"inc": self.incarnation, **meta}
+        meta = {"inc": self.incarnation, "gen": self.generation, **meta}
         return encode(Message(kind, self.run_id, self.rank, self.seq, 0, tensors or {}, meta))
 
     def hello(self, node: Node) -> list:
