@@ -7,6 +7,7 @@ count) and stay within sane bounds, so nothing hostile reaches a model or a repl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,17 +53,19 @@ class ObsBounds:
 
 
 def check_hello(msg: Message, fingerprint: str) -> None:
-    """No tensors, an address, and the fingerprint of our own network architecture."""
+    """No tensors, an address, whether the sender mixes, and our network's fingerprint."""
     if msg.tensors or not isinstance(msg.meta.get("addr"), str):
+        raise Rejected("bad_hello")
+    if msg.meta.get("mix", 1) not in (0, 1):
         raise Rejected("bad_hello")
     if msg.meta.get("fp") != fingerprint:
         raise Rejected("fingerprint")
 
 
-def check_params(msg: Message, n_params: int, weights: tuple[float, float] | None) -> float:
-    """One float32 vector of our model's size and bounded (de-biased) values; its push-sum weight.
-
-    `weights` is the (low, high) range of an honest push-sum weight; None for pairwise mixing.
+def check_params(msg: Message, n_params: int, max_weight: float | None) -> tuple[float, float]:
+    """One float32 vector of our model's size and bounded (de-biased) values; its push-sum
+    share and the running total of its link, each in (0, `max_weight`] and the total at least
+    the share. `max_weight` None means pairwise mixing, where neither is sent: (1.0, 1.0).
     """
     flat = msg.tensors.get("params")
     if len(msg.tensors) != 1 or flat is None or flat.shape != (n_params,):
@@ -70,15 +73,17 @@ def check_params(msg: Message, n_params: int, weights: tuple[float, float] | Non
     round_ = msg.meta.get("round")
     if flat.dtype != np.float32 or not isinstance(round_, int) or round_ < 0:
         raise Rejected("bad_params")
-    weight = msg.meta.get("w") if weights is not None else 1.0
-    if weights is not None and not (
-        isinstance(weight, float) and weights[0] <= weight <= weights[1]
-    ):
+    share, total = (msg.meta.get("w"), msg.meta.get("sum")) if max_weight else (1.0, 1.0)
+    if not (isinstance(share, float) and isinstance(total, float)):
+        raise Rejected("bad_params")
+    if max_weight is not None and not isinstance(msg.meta.get("to"), int):
+        raise Rejected("bad_params")
+    if max_weight is not None and not (0.0 < share <= max_weight and share <= total < math.inf):
         raise Rejected("bad_params")
     low, high = msg.extrema["params"]  # found in decode's single pass over the values
     if max(-low, high) > MAX_ABS_PARAM:
         raise Rejected("out_of_bounds")
-    return weight
+    return share, total
 
 
 def experience_bytes(spec: EnvSpec, n: int) -> int:

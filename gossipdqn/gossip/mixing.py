@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -91,6 +92,50 @@ def push_sum_receive_many(
     return push_sum_receive(theta, weight, payload, payload_weight)
 
 
+@dataclass
+class PushSumLinks:
+    """A push-sum sender's weight and the running total of weight sent on each of its links.
+
+    Robust ratio consensus (Hadjicostis, Dominguez-Garcia and Vaidya): a round splits the weight
+    into k + 1 equal shares, keeps one and adds one to each target's running total; a message
+    carries its share, that total and the target incarnation it is meant for. The receiver
+    (`link_gain`) takes the growth of the total since the last message it took on the link, so
+    the share of a lost, evicted or refused message arrives with the next one that gets through.
+    A link is one (sender incarnation, target incarnation) pair: its total starts at 0 and grows.
+    """
+
+    weight: float = 1.0
+    sent: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(target rank, target incarnation) -> the weight sent on that link so far."""
+
+    def split(self, targets: Sequence[tuple[int, int]]) -> list[tuple[int, float, float]]:
+        """Keep one of len(targets) + 1 shares; (rank, share, running total) for each
+        (rank, incarnation) target."""
+        share = self.weight / (len(targets) + 1)
+        self.weight = share
+        out = []
+        for link in targets:
+            self.sent[link] = self.sent.get(link, 0.0) + share
+            out.append((link[0], share, self.sent[link]))
+        return out
+
+
+def link_gain(
+    seen: float | None, share: float, total: float, *, addressed: bool, cap: float
+) -> tuple[float, float | None]:
+    """The weight an arriving message brings (at most `cap`), and the link's new seen total.
+
+    A message `addressed` to our current incarnation brings the growth of its link's running
+    total since the last one we took (all of it on a link we have not seen yet), which includes
+    every share lost on the way and is 0 for a duplicate or an older message. One meant for an
+    incarnation of ours that is gone brings its own share only, and leaves `seen` as it was.
+    """
+    if not addressed:
+        return min(max(share, 0.0), cap), seen
+    gain = total if seen is None else total - seen
+    return min(max(gain, 0.0), cap), total if seen is None else max(seen, total)
+
+
 def pairwise_average(
     theta: torch.Tensor, peer_theta: torch.Tensor, alpha: float = 0.5
 ) -> torch.Tensor:
@@ -164,16 +209,18 @@ def robust_filter(
     mode: str,
     threshold: AdaptiveClipThreshold,
     source: object = None,
+    relative_floor: float = 0.0,
 ) -> torch.Tensor | None:
     """Peer parameters to mix in under `mode` ("none", "clip", "reject"); None means drop.
 
-    The peer's distance is judged against tau before it is added to the threshold's window.
+    The peer's distance is judged against tau (at least `relative_floor` * ||theta||) before it
+    is added to the threshold's window.
     """
     if mode not in ROBUST_MODES:
         raise ValueError(f"mode must be one of {ROBUST_MODES}, got {mode!r}")
     if mode == "none":
         return peer_theta
-    tau = threshold.tau
+    tau = max(threshold.tau, relative_floor * float(torch.linalg.vector_norm(theta)))
     distance = float(torch.linalg.vector_norm(peer_theta - theta))
     threshold.observe(distance, source)
     if mode == "clip":
@@ -191,3 +238,25 @@ def consensus_distance(theta: torch.Tensor, peers: Sequence[torch.Tensor]) -> tu
     if norm > 0:
         return mean, mean / norm
     return mean, (0.0 if mean == 0 else math.inf)
+
+
+class MixingRate:
+    """How many parameter messages were mixed in: in all, and per second over a recent window."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s, self.total = window_s, 0
+        self.times: deque[float] = deque()
+
+    def record(self, now: float) -> None:
+        self.total += 1
+        self.times.append(now)
+
+    def per_s(self, now: float, started: float) -> float:
+        """Mixes per second over the last `window_s` seconds (or since `started`, if later)."""
+        while self.times and now - self.times[0] > self.window_s:
+            self.times.popleft()
+        return len(self.times) / min(self.window_s, max(now - started, 1e-9))
+
+    def quiet_s(self, now: float, started: float) -> float:
+        """Seconds since the last mix (since `started` when there was none)."""
+        return now - (self.times[-1] if self.times else started)

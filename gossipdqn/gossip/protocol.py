@@ -6,7 +6,8 @@ transport's I/O thread; here we only decide what to send and what to do with wha
 
 from __future__ import annotations
 
-import logging
+import math
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -27,42 +28,22 @@ from gossipdqn.gossip.checks import (
     check_params,
     experience_bytes,
 )
-from gossipdqn.gossip.mixing import (
-    AdaptiveClipThreshold,
-    consensus_distance,
-    pairwise_average,
-    push_sum_mix_,
-    push_sum_part,
-    robust_filter,
+from gossipdqn.gossip.mixer import MIXING_WINDOW_S, Mixer
+from gossipdqn.gossip.mixing import consensus_distance
+from gossipdqn.gossip.peers import (
+    DropLog,
+    Peer,
+    alive_ranks,
+    check_order,
+    mixing_ranks,
+    replace_dead,
+    start_incarnation,
 )
 from gossipdqn.gossip.snapshots import SnapshotPool
 from gossipdqn.gossip.topology import out_peers
-from gossipdqn.net.transport import Inbound, Transport
-from gossipdqn.net.wire import Kind, Message, WireError, decode, encode, limits_for, readonly_tensor
+from gossipdqn.net.transport import Inbound, Transport, TransportStats
+from gossipdqn.net.wire import Kind, Message, WireError, decode, encode, limits_for
 from gossipdqn.types import EnvSpec, Transitions
-
-log = logging.getLogger(__name__)
-
-MIN_WEIGHT_SHARE = 0.25
-"""A node keeps at least this fraction of the mean push-sum weight (1): a node faster than its
-peers waits for their mass instead of giving its own away until its learning counts for nothing."""
-LOG_EVERY_S = 60.0
-"""Dropped messages are logged at most this often per peer (and once for all strangers)."""
-
-
-@dataclass
-class Peer:
-    """What this node knows of one peer."""
-
-    address: str
-    last_heard: float | None = None
-    incarnation: int = 0
-    last_seq: int = -1
-    last_round: int = -1
-    params: torch.Tensor | None = None
-    """The peer's latest de-biased parameters (a read-only view of its message)."""
-    last_logged: float = -1e9
-    accepted: int = 0
 
 
 @dataclass
@@ -92,29 +73,31 @@ class Gossip:
         self.transport, self.run_id, self.spec = transport, run_id, spec
         self.fingerprint, self.bounds = fingerprint, bounds
         self.peers = {r: Peer(a) for r, a in enumerate(addresses) if r != rank}
-        self.incarnation = time.time_ns()
+        self.incarnation = secrets.randbits(63)
+        """A random id, new in every process: never the wall clock, which can step back."""
+        self.generation = 0
+        """How many times this node has resumed from its checkpoint (kept in the checkpoint)."""
         self.limits = limits_for(cfg)
         self.rng = np.random.default_rng(seed)
-        n_peers = max(1, self.world - 1)  # tau: 3x the lower median of each peer's distance
-        self.clip = AdaptiveClipThreshold(window=n_peers, initial=0.0, min_count=min(2, n_peers))
-        self.stranger_logged = -1e9
+        self.drop_log = DropLog(rank)
         self.counts = Counts()
         self.seq = 0
         self.round = 0
-        self.weight = 1.0
-        self.weight_waits = 0
+        self.mixer = Mixer(cfg, self.world)
         self.started = time.monotonic()
         self.last_hello = -1e9
         self.next_share = cfg.share_every
         self.pending: list[Transitions] = []
         self.learner: Learner | None = None
         self.replay: ReplayBuffer | None = None
+        self.max_transitions = MAX_SHARED_TRANSITIONS
 
     def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
         self.learner, self.replay = learner, replay
+        self.max_transitions = min(MAX_SHARED_TRANSITIONS, replay.capacity)
         self.n_params = learner.online_flat.numel()
         self.snapshots = SnapshotPool(learner.online_flat)
-        largest = max(4 * self.n_params, experience_bytes(self.spec, self._max_transitions()))
+        largest = max(4 * self.n_params, experience_bytes(self.spec, self.max_transitions))
         self.limits = replace(
             self.limits, max_total_bytes=min(self.limits.max_total_bytes, largest + 1024)
         )
@@ -170,55 +153,35 @@ class Gossip:
         if msg.sender != claimed or msg.sender not in self.peers:
             raise Rejected("sender_mismatch")
         peer = self.peers[msg.sender]
-        incarnation = msg.meta.get("inc")
-        if not isinstance(incarnation, int) or incarnation < peer.incarnation:
-            raise Rejected("replayed")
-        if incarnation == peer.incarnation and msg.seq <= peer.last_seq:
-            raise Rejected("replayed")
+        new = check_order(peer, msg, time.monotonic(), self.cfg.peer_timeout_s)
         if msg.kind == Kind.HELLO:
             check_hello(msg, self.fingerprint)
         elif msg.kind == Kind.PARAMS:
-            check_params(msg, self.n_params, self._weight_range())
-            if msg.meta["round"] < peer.last_round - self.cfg.max_staleness:
-                raise Rejected("stale")
-            peer.last_round = max(peer.last_round, int(msg.meta["round"]))
+            check_params(msg, self.n_params, self.world if self.mixer.push_sum else None)
         elif msg.kind == Kind.EXPERIENCE:
-            check_experience(msg, self.spec, self.bounds, self._max_transitions())
+            check_experience(msg, self.spec, self.bounds, self.max_transitions)
         else:
             raise Rejected("unexpected_kind")
-        peer.incarnation, peer.last_seq = incarnation, msg.seq
+        if new:
+            start_incarnation(peer, msg)
+        if msg.kind == Kind.HELLO:
+            peer.mixes = msg.meta.get("mix", 1) == 1
+        peer.last_seq = msg.seq
         return peer, msg
-
-    def _weight_range(self) -> tuple[float, float] | None:
-        """Push-sum weights an honest peer sends: at least its floor share, at most the total."""
-        if self.cfg.mixing != "push_sum":
-            return None
-        return MIN_WEIGHT_SHARE / self.world * (1 - 1e-6), self.world * (1 + 1e-6)
-
-    def _max_transitions(self) -> int:
-        capacity = self.replay.capacity if self.replay is not None else MAX_SHARED_TRANSITIONS
-        return min(MAX_SHARED_TRANSITIONS, capacity)
 
     def _drop(self, inbound: Inbound, reason: str) -> None:
         """Count a drop by reason; log it at most once a minute per peer (strangers share one)."""
         self.counts.dropped[reason] += 1
         rank = self.transport.rank_of(inbound)
         peer = self.peers.get(rank) if rank is not None else None
-        now = time.monotonic()
-        if now - (peer.last_logged if peer is not None else self.stranger_logged) < LOG_EVERY_S:
-            return
-        if peer is not None:
-            peer.last_logged = now
-        else:
-            self.stranger_logged = now
-        log.warning("node %d dropped a message from %r: %s", self.rank, rank, reason)
+        self.drop_log.dropped(rank, peer, reason, time.monotonic())
 
     # -- sending ------------------------------------------------------------------------------
 
     def _message(self, kind: Kind, tensors: dict[str, np.ndarray], **meta: Any) -> list:
         self.seq += 1
         step = self.learner.updates if self.learner else 0
-        meta |= {"inc": self.incarnation}
+        meta |= {"inc": self.incarnation, "gen": self.generation}
         return encode(Message(kind, self.run_id, self.rank, self.seq, step, tensors, meta))
 
     def _send(self, peer: int, kind: Kind, frames: list) -> bool:
@@ -233,73 +196,46 @@ class Gossip:
         if not force and now - self.last_hello < self.cfg.heartbeat_s:
             return
         self.last_hello = now
-        addr = self.peers_address_of_self()
+        addr = self.transport.bound_address or self.transport.bind_address
+        meta = {"addr": addr, "fp": self.fingerprint, "mix": int(self.cfg.params)}
         for rank in self.peers:
-            self._send(
-                rank, Kind.HELLO, self._message(Kind.HELLO, {}, addr=addr, fp=self.fingerprint)
-            )
-
-    def peers_address_of_self(self) -> str:
-        return self.transport.bound_address or self.transport.bind_address
+            self._send(rank, Kind.HELLO, self._message(Kind.HELLO, {}, **meta))
 
     def alive(self) -> list[int]:
         """Peers heard from within peer_timeout_s."""
-        now = time.monotonic()
-        return [
-            r for r, p in self.peers.items()
-            if p.last_heard is not None and now - p.last_heard <= self.cfg.peer_timeout_s
-        ]  # fmt: skip
+        return alive_ranks(self.peers, self.cfg.peer_timeout_s, time.monotonic())
 
     def _round_targets(self) -> list[int]:
-        """This round's out-peers; a dead one is replaced by the next alive rank after it."""
-        alive = set(self.alive())
-        if not alive:
-            return []
+        """This round's out-peers; one that is dead or does not mix is replaced by the next
+        rank after it that is alive and mixes."""
         wanted = out_peers(
             self.cfg.topology, self.rank, self.world, self.round, k=self.cfg.degree, seed=0
         ) if self.world > 1 else []  # fmt: skip
-        targets: list[int] = []
-        for rank in wanted:
-            while rank not in alive:
-                rank = (rank + 1) % self.world
-            if rank not in targets:
-                targets.append(rank)
-        return targets
+        return replace_dead(wanted, mixing_ranks(self.peers, self.alive()), self.world)
 
     def _send_params(self) -> None:
-        """One round: θ (with a push-sum weight share) to each out-peer whose queue is idle.
+        """One round: θ to each out-peer whose queue is idle, with a push-sum share and the
+        running total of weight sent on that link (see `PushSumLinks`).
 
-        The message carries de-biased θ and the share's weight v, not the mass v·θ: the snapshot
-        is the only pass over the model on this side, and the receiver mixes in one. A peer still
-        busy with earlier messages is skipped this round rather than queued for, so push-sum
-        weight leaves only in messages that go out, never in ones dropped as stale.
+        The message carries de-biased θ, not the mass v·θ: the snapshot is the only pass over
+        the model on this side, and the receiver mixes in one. A peer still busy with earlier
+        messages is skipped this round rather than queued for (flow control); weight in a
+        message that is lost or refused on the way arrives with the next one on its link.
         """
         targets = [r for r in self._round_targets() if self.transport.queued(r) == 0]
         if not targets or self.learner is None:
             return
-        meta = {}
-        if self.cfg.mixing == "push_sum":
-            part = float(push_sum_part(self.weight, len(targets)))
-            if part < MIN_WEIGHT_SHARE / self.world:
-                self.weight_waits += 1
-                return  # checked before the snapshot, so a waiting round copies nothing
-            meta["w"] = part
         snapshot = self.snapshots.capture(self.learner.online_flat)
         params = {"params": snapshot.host.numpy()}
-        frames = self._message(Kind.PARAMS, params, round=self.round, **meta)
-        frames[1] = snapshot.frame  # the same bytes, tracked so the buffer is reused once sent
-        sent = sum(self._send(rank, Kind.PARAMS, frames) for rank in targets)
-        if self.cfg.mixing == "push_sum":  # a share that never left is still ours: no mass lost
-            self.weight = meta["w"] * (len(targets) + 1 - sent)
+        links = [(r, inc) for r in targets if (inc := self.peers[r].incarnation) is not None]
+        for rank, meta in self.mixer.shares(links):
+            frames = self._message(Kind.PARAMS, params, round=self.round, **meta)
+            frames[1] = snapshot.frame  # the same bytes, tracked so the buffer is reused once sent
+            self._send(rank, Kind.PARAMS, frames)
 
     def _share_experience(self) -> None:
         assert self.replay is not None
-        if self.replay.prioritized:
-            batch = self.replay.highest_priority(self.cfg.share_batch)
-        else:
-            batch = Transitions(
-                *(np.concatenate(a)[-self.cfg.share_batch :] for a in zip(*self.pending))
-            )
+        batch = shareable(self.replay, self.pending, self.cfg.share_batch)
         self.pending = []
         alive = self.alive()
         if len(batch) == 0 or not alive:
@@ -316,71 +252,92 @@ class Gossip:
         self.replay.add(Transitions(**msg.tensors))
 
     def _mix(self, arrivals: list[tuple[Peer, Message]]) -> None:
-        """Mix received parameters into the online net in place: one fused op per message.
-
-        Push-sum: θ <- (w·θ + v·θ_peer) / (w + v), w <- w + v. Pairwise: θ <- (θ + θ_peer) / 2.
-        The online parameters are views of one flat vector, so the whole model mixes at once.
-        """
+        """Mix received parameters into the online net in place (see `Mixer.mix`); the online
+        parameters are views of one flat vector, so the whole model mixes at once."""
         assert self.learner is not None
-        flat = self.learner.online_flat
         with torch.no_grad():
             for peer, msg in arrivals:
-                peer.params = readonly_tensor(msg.tensors["params"])
-                peer_theta = self._robust(flat, peer.params, peer.address)
-                if peer_theta is None:
-                    continue
-                peer_theta = peer_theta.to(flat.device, non_blocking=True)
-                if self.cfg.mixing == "push_sum":
-                    self.weight = push_sum_mix_(flat, self.weight, peer_theta, msg.meta["w"])
-                else:
-                    pairwise_average(flat, peer_theta)
+                self.mixer.mix(self.learner.online_flat, peer, msg, self.incarnation)
+                peer.params_round = self.round
         self.learner.sync_actor_net()
 
-    def _robust(
-        self, flat: torch.Tensor, peer_theta: torch.Tensor, source: str
-    ) -> torch.Tensor | None:
-        """The peer's parameters after `gossip.robust` (clipped toward ours, or None)."""
-        if self.cfg.robust == "none":
-            return peer_theta
-        kept = robust_filter(flat.cpu(), peer_theta, self.cfg.robust, self.clip, source)
-        if kept is None:
-            self.counts.dropped["robust_reject"] += 1
-        return kept
+    def mixing_stalled(self) -> bool:
+        """Nothing mixed in for `MIXING_WINDOW_S` seconds while peers that mix are alive."""
+        quiet_s = self.mixer.rate.quiet_s(time.monotonic(), self.started)
+        alive = mixing_ranks(self.peers, self.alive())
+        return self.cfg.params and bool(alive) and quiet_s >= MIXING_WINDOW_S
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed node needs to go on: its round and how often it has resumed."""
+        return {"round": self.round, "generation": self.generation}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Go on from a checkpoint: the saved round, and a generation above the saved one, so
+        peers take this incarnation at once."""
+        self.round, self.generation = int(state["round"]), int(state["generation"]) + 1
 
     # -- reporting ----------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, Any]:
         """Cumulative gossip counters, rates, drops by reason, peers alive, consensus distance."""
-        stats = self.transport.stats()
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        out: dict[str, Any] = {
-            "gossip_sent_bytes": stats.bytes_sent,
-            "gossip_recv_bytes": stats.bytes_received,
-            "gossip_sent_bytes_per_s": stats.bytes_sent / elapsed,
-            "gossip_recv_bytes_per_s": stats.bytes_received / elapsed,
-            "gossip_sent_msgs_per_s": stats.messages_sent / elapsed,
-            "gossip_recv_msgs_per_s": stats.messages_received / elapsed,
-            "gossip_sent_msgs": stats.messages_sent,
-            "gossip_recv_msgs": stats.messages_received,
+        out = traffic_metrics(self.transport.stats(), self.counts, elapsed)
+        out |= {
             "gossip_round": self.round,
             "peers_alive": len(self.alive()),
-            "push_sum_weight": self.weight,
-            "push_sum_weight_waits": self.weight_waits,
+            "push_sum_weight": self.mixer.links.weight,
+            "params_mixed": self.mixer.rate.total,
+            "params_mixed_per_s": self.mixer.rate.per_s(time.monotonic(), self.started),
+            "mixing_stalled": self.mixing_stalled(),
         }
-        for kind in ("hello", "params", "experience"):
-            out[f"gossip_sent_{kind}"] = self.counts.sent[kind]
-            out[f"gossip_recv_{kind}"] = self.counts.received[kind]
-        for reason, n in (Counter(stats.dropped) + self.counts.dropped).items():
-            out[f"dropped_{reason}"] = n
-        out |= self._consensus()
+        if self.mixer.rejected:
+            out["dropped_robust_reject"] = self.mixer.rejected
+        if self.learner is not None:  # every in-peer sends within about two periods of rounds
+            since = self.round - 2 * math.ceil(math.log2(max(2, self.world))) - 2
+            out |= consensus(self.learner.online_flat, self.peers, self.alive(), since)
         return out
-
-    def _consensus(self) -> dict[str, float]:
-        latest = [p.params for p in self.peers.values() if p.params is not None]
-        if self.learner is None or not latest:
-            return {}
-        distance, ratio = consensus_distance(self.learner.online_flat.detach().cpu(), latest)
-        return {"consensus_distance": distance, "consensus_ratio": ratio}
 
     def close(self) -> None:
         self.transport.close()
+
+
+def traffic_metrics(stats: TransportStats, counts: Counts, elapsed_s: float) -> dict[str, Any]:
+    """Bytes and messages sent and received (totals and rates), counts by kind, drops by reason."""
+    out: dict[str, Any] = {
+        "gossip_sent_bytes": stats.bytes_sent,
+        "gossip_recv_bytes": stats.bytes_received,
+        "gossip_sent_bytes_per_s": stats.bytes_sent / elapsed_s,
+        "gossip_recv_bytes_per_s": stats.bytes_received / elapsed_s,
+        "gossip_sent_msgs_per_s": stats.messages_sent / elapsed_s,
+        "gossip_recv_msgs_per_s": stats.messages_received / elapsed_s,
+        "gossip_sent_msgs": stats.messages_sent,
+        "gossip_recv_msgs": stats.messages_received,
+    }
+    for kind in ("hello", "params", "experience"):
+        out[f"gossip_sent_{kind}"] = counts.sent[kind]
+        out[f"gossip_recv_{kind}"] = counts.received[kind]
+    for reason, n in (Counter(stats.dropped) + counts.dropped).items():
+        out[f"dropped_{reason}"] = n
+    return out
+
+
+def shareable(replay: ReplayBuffer, pending: list[Transitions], n: int) -> Transitions:
+    """What to share: the `n` highest-priority transitions, or the `n` latest of `pending`."""
+    if replay.prioritized:
+        return replay.highest_priority(n)
+    return Transitions(*(np.concatenate(a)[-n:] for a in zip(*pending)))
+
+
+def consensus(
+    flat: torch.Tensor, peers: dict[int, Peer], alive: list[int], since: int
+) -> dict[str, float]:
+    """Mean distance (and its ratio to ||θ||) to the parameters of alive peers received since
+    round `since`: older ones would hold the figure at a value the swarm has left behind."""
+    latest = [
+        p.params for r, p in peers.items() if p.params is not None and r in alive
+        and p.params_round >= since
+    ]  # fmt: skip
+    if not latest:
+        return {}
+    distance, ratio = consensus_distance(flat.detach().cpu(), latest)
+    return {"consensus_distance": distance, "consensus_ratio": ratio}
