@@ -17,6 +17,7 @@ from gossipdqn.gossip.mixing import (
     robust_filter,
 )
 from gossipdqn.gossip.peers import Peer
+from gossipdqn.gossip.topology import exponential_period, in_peers
 from gossipdqn.net.wire import Message, readonly_tensor
 
 ROBUST_RELATIVE_FLOOR = 0.01
@@ -26,15 +27,29 @@ MIXING_WINDOW_S = 10.0
 """`params_mixed_per_s` counts the parameter messages mixed in over this many last seconds."""
 
 
+def in_sources(cfg: GossipConfig, rank: int, world: int) -> set[int]:
+    """The ranks that send to `rank` over one period of the topology."""
+    if world < 2:
+        return set()
+    timed = cfg.topology in ("exponential", "random_regular")
+    rounds = exponential_period(world) if timed else 1
+    return {
+        s for r in range(rounds)
+        for s in in_peers(cfg.topology, rank, world, r, k=cfg.degree, seed=0)
+    }  # fmt: skip
+
+
 class Mixer:
     """Mixes peers' parameter messages into a flat parameter vector; no I/O."""
 
-    def __init__(self, cfg: GossipConfig, world: int) -> None:
+    def __init__(self, cfg: GossipConfig, world: int, rank: int) -> None:
         self.cfg, self.world = cfg, world
         self.links = PushSumLinks()
         n_peers = max(1, world - 1)  # tau: 3x the lower median of each peer's distance
-        # until two peers' distances are known there is no median to trust: accept (tau = inf)
-        self.clip = AdaptiveClipThreshold(window=n_peers, min_count=min(2, n_peers))
+        # tau is 0 (clip to our own θ; the weight still counts) until the distances of two
+        # senders are known, or of the one sender a ring gives us
+        senders = min(2, len(in_sources(cfg, rank, world)))
+        self.clip = AdaptiveClipThreshold(window=n_peers, initial=0.0, min_count=max(1, senders))
         self.rate = MixingRate(MIXING_WINDOW_S)
         self.rejected = 0
 

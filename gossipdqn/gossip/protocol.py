@@ -83,7 +83,7 @@ class Gossip:
         self.counts = Counts()
         self.seq = 0
         self.round = 0
-        self.mixer = Mixer(cfg, self.world)
+        self.mixer = Mixer(cfg, self.world, rank)
         self.started = time.monotonic()
         self.last_hello = -1e9
         self.next_share = cfg.share_every

@@ -87,7 +87,7 @@ class Swarm:
             peer.mixes = r not in self.faults.sinks
         theta = self.initial[rank].clone() if theta is None else theta
         inc = int(self.rng.integers(1, 2**62))
-        return SimNode(rank, theta, Mixer(self.cfg, self.world), peers, inc, generation)
+        return SimNode(rank, theta, Mixer(self.cfg, self.world, rank), peers, inc, generation)
 
     def cut(self, a: int, b: int) -> bool:
         """Whether a partition separates ranks `a` and `b` this round."""

@@ -11,13 +11,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.sshd_fixture import SshServer, sshd  # noqa: F401  (the fixture)
+from helpers.waiting import wait_for
 
 from gossipdqn.cluster.ssh import (
     add_launch_arguments,
@@ -66,15 +66,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_launch_arguments(parser)
     return parser.parse_args(argv)
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll `check` until true, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def processes() -> Iterator[tuple[int, int, str, str]]:

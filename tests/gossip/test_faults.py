@@ -23,6 +23,7 @@ from helpers.gossip_fixture import (
     run_id_of,
     step_until,
 )
+from helpers.waiting import wait_for
 from test_gossip import read_peers
 
 from gossipdqn.cluster.local import node_command
@@ -73,8 +74,9 @@ def test_byzantine_peer_is_clipped(tmp_path: Path, robust: str) -> None:
             byzantine.connect(address)
             byzantine.send(address, byzantine.hello(nodes[0]))
         start = max(float(params_of(n).abs().max()) for n in nodes)
-        peak, deadline, sent = 0.0, time.monotonic() + 5, 0
-        while time.monotonic() < deadline:
+        peak, deadline, sent = 0.0, time.monotonic() + 60, 0
+        attacked = lambda: sum(n.exchange.peers[3].accepted for n in nodes) > 30  # noqa: E731
+        while not attacked() and time.monotonic() < deadline:  # 30 attacks, however slow we are
             step_until(nodes, lambda: True, timeout_s=1)
             flipped = -1000 * torch.stack([params_of(n) for n in nodes]).mean(0) / 3
             sent += 1
@@ -196,6 +198,8 @@ def test_stopped_node_is_skipped_and_a_killed_one_resumes(tmp_path: Path) -> Non
         procs[1].send_signal(signal.SIGCONT)
         read_peers(procs[0], 1)
         read_peers(procs[1], 1)
+        checkpoint = tmp_path / "node-1" / "checkpoint.pt"
+        wait_for(checkpoint.is_file, 60, "node 1's first checkpoint")
         procs[1].kill()
         procs[1].wait(timeout=10)
         saved = load_checkpoint(tmp_path / "node-1" / "checkpoint.pt")

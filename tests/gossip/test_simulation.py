@@ -89,7 +89,7 @@ def test_a_sink_gets_no_weight_and_the_others_keep_mixing() -> None:
 
 
 def test_a_refused_message_still_brings_its_weight_and_leaves_theta_alone() -> None:
-    mixer = Mixer(gossip_settings(robust="reject"), world=4)
+    mixer = Mixer(gossip_settings(robust="reject"), world=4, rank=0)
     theta = torch.ones(8)
     for source in ("a", "b"):  # two peers close by: tau becomes small
         mixer.clip.observe(0.01, source)
