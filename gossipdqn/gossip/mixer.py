@@ -93,7 +93,8 @@ class Mixer:
         ) if self.cfg.robust != "none" else peer.params  # fmt: skip
         if peer_theta is None:
             self.rejected += 1
-            self.links.weight += gain if self.push_sum else 0.0
+            if self.push_sum:
+                self.links.weight += gain
             return
         peer_theta = peer_theta.to(flat.device, non_blocking=True)
         if self.push_sum:
