@@ -33,7 +33,11 @@ class VectorStep(NamedTuple):
 
 
 class SampledBatch(NamedTuple):
-    """A minibatch from replay, with importance weights and the slots it came from."""
+    """A minibatch from replay, with importance weights and the slots it came from.
+
+    `sampled_at` is the replay's write count when sampled: `update_priorities` leaves alone the
+    slots written since. `indices` stays last (`Learner.to_device` keeps it on the host).
+    """
 
     obs: np.ndarray
     actions: np.ndarray
@@ -41,6 +45,7 @@ class SampledBatch(NamedTuple):
     next_obs: np.ndarray
     discounts: np.ndarray
     weights: np.ndarray
+    sampled_at: int
     indices: np.ndarray
 
 

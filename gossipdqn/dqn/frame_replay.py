@@ -6,12 +6,19 @@ stream (-1 at an episode start), so a stack of S frames is the frame plus S - 1 
 past an episode start give the zero frames the environment pads with. The ring of frames holds
 `capacity * (1 + 1/16)` frames: one per env step plus the first frame of every episode and the
 final frame of every episode (the 1/16 covers them for episodes longer than ~32 steps). For
-Atari, 1M transitions take 1.06M x 84 x 84 bytes = 7.5 GB of frames, plus 36 bytes of ids,
-action, return and discount each, instead of 56 GB for whole obs and next_obs stacks.
+Atari, 1M transitions take 1.06M x 84 x 84 bytes = 7.5 GB of frames, plus 16 bytes of links per
+frame and 32 bytes of ids, action, return and discount per transition, instead of 56 GB for
+whole obs and next_obs stacks.
 
-The node's own actors feed whole vector steps (`add_steps`), so each step stores one new frame;
-transitions from peers (`add`) arrive as whole stacks and cost up to 2 S frames each. A sampled
-transition whose frames the ring has overwritten is drawn again.
+The node's own actors feed whole vector steps (`add_steps`), so each step stores one new frame.
+Transitions from peers (`add`) arrive as whole stacks; a stack that continues another of the
+same batch (a peer's consecutive steps, a next obs) costs one frame, any other up to S. Where
+peers send more frames than the ring holds, it runs out before the ring of transitions, and
+every sample stays exact all the same: a transition lives only while the oldest frame it needs
+is stored. When the ring overwrites a frame, the transitions that need it go, with every older
+one, so the live transitions stay the newest keys of the transition ring (`ReplayBuffer.size`
+of them) and nothing else is sampled, shared or updated. `last_user` maps each stored frame to
+the newest transition whose oldest frame it is, which makes that one lookup per frame written.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import numpy as np
 from gossipdqn.config import ReplayConfig
 from gossipdqn.dqn.actors import NStepAccumulator
 from gossipdqn.dqn.envs import is_frame_stack
-from gossipdqn.dqn.replay import ReplayBuffer
+from gossipdqn.dqn.replay import ReplayBuffer, locked
 from gossipdqn.types import EnvSpec, SampledBatch, Transitions, VectorStep
 
-_RESAMPLE_TRIES = 8
+_HASH_WEIGHTS = np.random.default_rng(0).integers(1, 2**63, 1 << 16, dtype=np.uint64) | 1
+"""Odd multipliers of the 8-byte words of a frame (up to 512 KiB) in `_labels`' hash."""
 
 
 @dataclass
@@ -61,11 +69,13 @@ class FrameReplay(ReplayBuffer):
         self.frame_capacity = capacity + capacity // 16 + 4 * self.stack
         self.frames = np.zeros((self.frame_capacity, *frame_shape), dtype=np.uint8)
         self.prev = np.full(self.frame_capacity, -1, dtype=np.int64)
+        self.last_user = np.full(self.frame_capacity, -1, dtype=np.int64)
         self.written = 0
         self.streams: dict[int, _Stream] = {}
 
     stores_frames = True
 
+    @locked
     def add_step(
         self, stream: int, transitions: Transitions | None, step: VectorStep | None
     ) -> np.ndarray:
@@ -74,6 +84,7 @@ class FrameReplay(ReplayBuffer):
             return super().add_step(stream, transitions, step)
         return self.add_steps(stream, step)
 
+    @locked
     def add_steps(self, stream: int, step: VectorStep) -> np.ndarray:
         """Store one vector step of `stream` (one frame per env); returns the slots written."""
         state = self.streams.get(stream)
@@ -90,79 +101,121 @@ class FrameReplay(ReplayBuffer):
             step.terminated, step.truncated, valid,
         )  # fmt: skip
         state.current = following
-        return super().add(ids)
+        return self._add_ids(ids)
 
+    @locked
     def add(self, batch: Transitions) -> np.ndarray:
         """Store whole transitions (from peers): their stacks' frames, then the ids."""
-        obs_ids = self._write_stacks(np.asarray(batch.obs))
-        next_ids = self._write_stacks(np.asarray(batch.next_obs))
+        ids = self._write_stacks(np.concatenate([batch.obs, batch.next_obs]))
+        obs_ids, next_ids = ids[: len(batch)], ids[len(batch) :]
         _, actions, rewards, _, discounts = batch  # Transitions.__len__ breaks _replace
-        return super().add(Transitions(obs_ids, actions, rewards, next_ids, discounts))
+        return self._add_ids(Transitions(obs_ids, actions, rewards, next_ids, discounts))
+
+    def _add_ids(self, ids: Transitions) -> np.ndarray:
+        """Store transitions of frame ids in the ring; returns their slots."""
+        slots = super().add(ids)
+        keys = self.added - len(slots) + np.arange(len(slots))
+        self._track(keys, self.obs[slots], self.next_obs[slots])
+        return slots
+
+    def _track(self, keys: np.ndarray, obs_ids: np.ndarray, next_ids: np.ndarray) -> None:
+        """Note each transition as a user of its oldest frame; drop those already without it."""
+        oldest = np.minimum(self._oldest(obs_ids), self._oldest(next_ids))
+        stored = oldest >= self.written - self.frame_capacity
+        np.maximum.at(self.last_user, oldest[stored] % self.frame_capacity, keys[stored])
+        if not stored.all():
+            self._drop_through(int(keys[~stored].max()))
+
+    def _oldest(self, ids: np.ndarray) -> np.ndarray:
+        """The oldest frame id in each stack ending at `ids`; below the floor if one is gone."""
+        floor = self.written - self.frame_capacity
+        oldest = ids = np.asarray(ids, dtype=np.int64)
+        for _ in range(self.stack - 1):
+            ids = np.where(ids >= floor, self.prev[ids % self.frame_capacity], -1)
+            oldest = np.where(ids >= 0, np.minimum(oldest, ids), oldest)
+        return oldest
+
+    def _drop_through(self, key: int) -> None:
+        """Transitions up to `key` are no longer live (their frames are, or will be, gone)."""
+        keep = min(self.size, self.added - 1 - key)
+        if keep < self.size:
+            dropped = self.live_slots()[: self.size - keep]
+            self.size = keep
+            if self.tree is not None:
+                self.tree.set(dropped, np.zeros(len(dropped)))
 
     def _write(self, frames: np.ndarray, prev: np.ndarray) -> np.ndarray:
-        """Append frames with their predecessors' ids; returns their ids."""
+        """Append frames with their predecessors' ids, dropping the transitions that needed the
+        frames they overwrite; returns their ids."""
         ids = self.written + np.arange(len(frames))
-        self.frames[ids % self.frame_capacity] = frames
-        self.prev[ids % self.frame_capacity] = prev
+        slots = ids % self.frame_capacity
+        last_user = int(self.last_user[slots].max(initial=-1))
+        self.last_user[slots] = -1
+        self.frames[slots] = frames
+        self.prev[slots] = prev
         self.written += len(frames)
+        if last_user >= 0:
+            self._drop_through(last_user)
         return ids
 
     def _write_stacks(self, stacks: np.ndarray) -> np.ndarray:
-        """Append whole stacks as chains, leaving out leading all-zero (padding) frames."""
-        k = len(stacks)
-        blank = ~stacks.reshape(k, self.stack, self.frames[0].size).any(axis=2)
+        """Append whole stacks; returns the id of each stack's newest frame.
+
+        A distinct stack whose older S - 1 frames are another's newer S - 1 (a stream's next
+        step, or the next obs n steps on) costs one frame, linked to that one's newest frame;
+        any other is a chain of its frames, leading all-zero (padding) ones left out. Walking
+        S - 1 hops back gives every stack again, whichever match is taken.
+        """
+        if len(stacks) == 0:
+            return np.zeros(0, dtype=np.int64)
+        flat = np.asarray(stacks).reshape(len(stacks), self.stack, self.frames[0].size)
+        labels = _labels(flat.reshape(-1, flat.shape[2])).reshape(len(flat), self.stack)
+        _, first, which = np.unique(labels, axis=0, return_index=True, return_inverse=True)
+        distinct = flat[first]
+        parent = _continued(labels[first])
+        chains = distinct[parent < 0]
+        blank = ~chains.any(axis=2)
         blank[:, -1] = False
         keep = ~np.cumprod(blank, axis=1).astype(bool)
-        ids = np.full((k, self.stack), -1, dtype=np.int64)
-        ids[keep] = self.written + np.arange(int(keep.sum()))
-        prev = np.concatenate([np.full((k, 1), -1), ids[:, :-1]], axis=1)
-        self._write(stacks[keep], prev[keep])
-        return ids[:, -1]
+        chain_ids = np.full(keep.shape, -1, dtype=np.int64)
+        chain_ids[keep] = self.written + np.arange(int(keep.sum()))
+        ids = np.empty(len(distinct), dtype=np.int64)
+        ids[parent < 0] = chain_ids[:, -1]
+        ids[parent >= 0] = self.written + int(keep.sum()) + np.arange(int((parent >= 0).sum()))
+        prev = np.concatenate([np.full((len(chains), 1), -1), chain_ids[:, :-1]], axis=1)
+        frames = np.concatenate([chains[keep], distinct[parent >= 0, -1]])
+        self._write(frames.reshape(-1, *self.frames.shape[1:]),
+                    np.concatenate([prev[keep], ids[parent[parent >= 0]]]))  # fmt: skip
+        return ids[which.ravel()]
 
-    def stacks(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The stacks ending at frame `ids`, and whether all their frames are still stored."""
+    def stacks(self, ids: np.ndarray) -> np.ndarray:
+        """The stacks ending at frame `ids` (of live transitions: all their frames are stored)."""
         out = np.zeros((len(ids), self.stack, *self.frames.shape[1:]), dtype=np.uint8)
-        floor = self.written - self.frame_capacity
-        live = ids >= floor
         ids = np.asarray(ids, dtype=np.int64)
         for depth in range(self.stack - 1, -1, -1):
             present = ids >= 0
-            live &= ~present | (ids >= floor)
-            slots = ids[present] % self.frame_capacity
-            out[present, depth] = self.frames[slots]
+            out[present, depth] = self.frames[ids[present] % self.frame_capacity]
             ids = np.where(present, self.prev[ids % self.frame_capacity], -1)
-        return out, live
+        return out
 
+    @locked
     def sample(self, batch_size: int, beta: float = 1.0) -> SampledBatch:
         """A batch as `ReplayBuffer.sample` gives it, with stacks rebuilt from stored frames."""
         batch = super().sample(batch_size, beta)
-        obs, live = self.stacks(batch.obs)
-        for _ in range(_RESAMPLE_TRIES):
-            if live.all():
-                break
-            self._forget(batch.indices[~live])
-            again = super().sample(int((~live).sum()), beta)
-            batch = _replace_rows(batch, ~live, again)
-            obs, live = self.stacks(batch.obs)
-        next_obs, _ = self.stacks(batch.next_obs)
-        return batch._replace(obs=obs, next_obs=next_obs)
-
-    def _forget(self, slots: np.ndarray) -> None:
-        """Transitions whose frames are gone are never drawn again by prioritized sampling."""
-        if self.tree is not None:
-            self.tree.set(np.unique(slots), np.zeros(len(np.unique(slots))))
+        return batch._replace(obs=self.stacks(batch.obs), next_obs=self.stacks(batch.next_obs))
 
     def _gather(self, slots: np.ndarray) -> Transitions:
         obs_ids, actions, rewards, next_ids, discounts = super()._gather(slots)
-        obs, next_obs = self.stacks(obs_ids)[0], self.stacks(next_ids)[0]
-        return Transitions(obs, actions, rewards, next_obs, discounts)
+        return Transitions(self.stacks(obs_ids), actions, rewards, self.stacks(next_ids), discounts)
 
+    @locked
     def state_dict(self) -> dict:
         """Transition ids and counters as `ReplayBuffer` keeps them, plus the frame ring."""
         state = super().state_dict()
         state |= {"frames": self.frames.copy(), "prev": self.prev.copy(), "written": self.written}
         return state
 
+    @locked
     def load_state_dict(self, state: dict) -> None:
         """Restore frames and transitions; open streams start afresh at their next step."""
         super().load_state_dict(state)
@@ -170,16 +223,37 @@ class FrameReplay(ReplayBuffer):
         self.prev[:] = state["prev"]
         self.written = int(state["written"])
         self.streams.clear()
+        self.last_user[:] = -1
+        live, keys = self.live_slots(), self.added - self.size + np.arange(self.size)
+        self._track(keys, self.obs[live], self.next_obs[live])
 
 
-def _replace_rows(batch: SampledBatch, rows: np.ndarray, other: SampledBatch) -> SampledBatch:
-    """`batch` with the `rows` taken, in order, from `other`."""
-    fields = []
-    for mine, theirs in zip(batch, other):
-        mine = mine.copy()
-        mine[rows] = theirs
-        fields.append(mine)
-    return SampledBatch(*fields)
+def _labels(rows: np.ndarray) -> np.ndarray:
+    """A label for each row of bytes, the same exactly where the rows are equal (a 64-bit hash,
+    checked; on a collision every row gets a label of its own)."""
+    if rows.shape[1] % 8:
+        rows = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8)))
+    words = np.ascontiguousarray(rows).view(np.uint64)
+    _, first, labels = np.unique(words @ _HASH_WEIGHTS[: words.shape[1]], return_index=True,
+                                 return_inverse=True)  # fmt: skip
+    labels = labels.ravel()
+    shared = np.flatnonzero(first[labels] != np.arange(len(rows)))
+    if not np.array_equal(words[shared], words[first[labels[shared]]]):
+        return np.arange(len(rows))
+    return labels
+
+
+def _continued(stacks: np.ndarray) -> np.ndarray:
+    """For each stack (of frame labels), one whose newer S - 1 frames are its older S - 1 (-1
+    where none is)."""
+    n = len(stacks)
+    _, keys = np.unique(
+        np.concatenate([stacks[:, 1:], stacks[:, :-1]]), axis=0, return_inverse=True
+    )
+    keys = keys.ravel()
+    owner = np.full(2 * n, -1, dtype=np.int64)
+    owner[keys[:n]] = np.arange(n)
+    return owner[keys[n:]]
 
 
 def make_replay(cfg: ReplayConfig, spec: EnvSpec, *, gamma: float, seed: int) -> ReplayBuffer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import queue
 import threading
@@ -27,6 +28,28 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"learner.device: {name!r} asked for, but torch sees no CUDA device")
     return device
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSchedule:
+    """Updates owed at `per_step` updates per env step once `learning_starts` env steps are
+    collected from the origin: the run's start, or a resume that found no saved replay."""
+
+    learning_starts: int
+    per_step: float
+    origin_steps: int = 0
+    origin_updates: int = 0
+
+    def due(self, env_steps: int, updates: int) -> int:
+        """How many updates are due after `env_steps` env steps when `updates` are done."""
+        start = self.origin_steps + self.learning_starts
+        if env_steps < start:
+            return 0
+        return max(0, self.origin_updates + int((env_steps - start) * self.per_step) - updates)
+
+    def restarted(self, env_steps: int, updates: int) -> UpdateSchedule:
+        """The schedule of a run that goes on from these counters with an empty replay."""
+        return dataclasses.replace(self, origin_steps=env_steps, origin_updates=updates)
 
 
 class UpdateResult(NamedTuple):
@@ -58,9 +81,10 @@ class Learner:
         self.updates = 0
         self.gradient_handler: Callable[[Learner], None] | None = None
         """Replaces `apply_gradients` (all-reduce averages first, a PS worker sends them away)."""
-        self.actor_net = (
-            self.online if self.device.type == "cpu" else copy.deepcopy(self.online).cpu()
-        )
+        self.actor_net = copy.deepcopy(self.online).requires_grad_(False)
+        """What in-process actors and evaluations act with: a copy of the online net on the same
+        device, on every device, refreshed after every update and every load or mix."""
+        self.actor_flat = flat_parameters_(self.actor_net)
         self.loss_fn = torch.compile(self._loss) if cfg.compile else self._loss
         self.stats = torch.zeros(2, device=self.device)
 
@@ -98,6 +122,7 @@ class Learner:
             self.gradient_handler(self)
         self.updates += 1
         self._update_target()
+        self.sync_actor_net()
         errors = errors.detach().abs().cpu().numpy() if td_errors else np.zeros(0, np.float32)
         every = self.cfg.metrics_every
         if every == 1:
@@ -125,14 +150,15 @@ class Learner:
             self.target.load_state_dict(self.online.state_dict())
 
     def sync_actor_net(self) -> None:
-        """Copy the online weights into the actors' CPU net (a no-op when both are the CPU net)."""
-        if self.actor_net is not self.online:
-            self.actor_net.load_state_dict(self.online.state_dict())
+        """Refresh the acting copy from the online net: one flat-vector copy on the device."""
+        with torch.no_grad():
+            self.actor_flat.copy_(self.online_flat)
 
     @torch.inference_mode()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
-        """Q-values of the actors' net for a batch of observations (on the CPU)."""
-        return self.actor_net(torch.from_numpy(np.asarray(obs))).numpy()
+        """Q-values of the acting copy for a batch of observations, as a host array."""
+        q = self.actor_net(torch.from_numpy(np.asarray(obs)).to(self.device))
+        return q.float().cpu().numpy()
 
     def state_dict(self) -> dict:
         return {

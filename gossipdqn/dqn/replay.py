@@ -1,12 +1,36 @@
-"""Experience replay: a preallocated numpy ring buffer, uniform or proportional-prioritized."""
+"""Experience replay: a preallocated numpy ring buffer, uniform or proportional-prioritized.
+
+Every transition gets a key, its write count: slot `key % capacity` holds it until the ring
+comes round again. The live transitions are the `size` newest keys; `FrameReplay` drops the
+oldest of them early when their frames are gone. Each public method holds the buffer's own
+lock, so actors, a peer's experience and the prefetch thread may call it from any thread.
+"""
 
 from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from gossipdqn.types import SampledBatch, Transitions, VectorStep
 
 _FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def locked(method: _Method) -> _Method:
+    """Run `method` holding the buffer's lock (re-entrant: locked methods call each other)."""
+
+    @functools.wraps(method)
+    def run(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class SumTree:
@@ -34,13 +58,19 @@ class SumTree:
             self.nodes[pos] = self.nodes[2 * pos] + self.nodes[2 * pos + 1]
 
     def find(self, values: np.ndarray) -> np.ndarray:
-        """Leaf index whose prefix-sum interval holds each value in [0, total)."""
+        """Leaf index whose prefix-sum interval holds each value in [0, total).
+
+        Never a zero leaf while the total is positive: a subtree of sum 0 is never entered, also
+        where rounding leaves a value at or past the end of its interval.
+        """
+        if self.total <= 0:
+            raise ValueError("sum tree: no leaf has a positive priority")
         pos = np.ones(len(values), dtype=np.int64)
         values = np.array(values, dtype=np.float64)
         while pos[0] < self.leaves:
             left = 2 * pos
             left_sum = self.nodes[left]
-            go_right = values >= left_sum
+            go_right = (values >= left_sum) & (self.nodes[left + 1] > 0)
             values -= np.where(go_right, left_sum, 0.0)
             pos = left + go_right
         return pos - self.leaves
@@ -60,6 +90,8 @@ class ReplayBuffer:
         priority_eps: float = 1e-6,
         seed: int = 0,
     ) -> None:
+        if not priority_eps > 0:
+            raise ValueError(f"priority_eps: expected a value > 0, got {priority_eps}")
         self.capacity = capacity
         self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
         self.next_obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
@@ -74,6 +106,7 @@ class ReplayBuffer:
         self.max_priority = 1.0
         self.tree = SumTree(capacity) if prioritized else None
         self.rng = np.random.default_rng(seed)
+        self.lock = threading.RLock()
 
     def __len__(self) -> int:
         return self.size
@@ -85,6 +118,7 @@ class ReplayBuffer:
     def prioritized(self) -> bool:
         return self.tree is not None
 
+    @locked
     def add_step(
         self, stream: int, transitions: Transitions | None, step: VectorStep | None
     ) -> np.ndarray:
@@ -96,6 +130,7 @@ class ReplayBuffer:
             return np.zeros(0, dtype=np.int64)
         return self.add(transitions)
 
+    @locked
     def add(self, batch: Transitions) -> np.ndarray:
         """Append a batch (overwriting the oldest when full); returns the slots written."""
         n = len(batch)
@@ -114,12 +149,23 @@ class ReplayBuffer:
             self.tree.set(slots, np.full(n, self.max_priority**self.alpha))
         return slots
 
+    def live_slots(self) -> np.ndarray:
+        """The slots of the live transitions, oldest first."""
+        return (self.pos - self.size + np.arange(self.size)) % self.capacity
+
+    def _holds(self, slots: np.ndarray, before: int) -> np.ndarray:
+        """Whether each slot holds a live transition written before write count `before`."""
+        key = self.added - 1 - (self.added - 1 - slots) % self.capacity
+        return (key >= self.added - self.size) & (key < before)
+
+    @locked
     def sample(self, batch_size: int, beta: float = 1.0) -> SampledBatch:
         """Uniform, or proportional to priority^alpha with importance weights (N P(i))^-beta."""
         if self.size == 0:
             raise ValueError("replay is empty: add transitions before sampling")
         if self.tree is None:
-            indices = self.rng.integers(0, self.size, size=batch_size)
+            offsets = self.rng.integers(0, self.size, size=batch_size)
+            indices = (self.pos - self.size + offsets) % self.capacity
             weights = np.ones(batch_size, dtype=np.float32)
         else:
             indices, weights = self._sample_prioritized(batch_size, beta)
@@ -130,6 +176,7 @@ class ReplayBuffer:
             self.next_obs[indices],
             self.discounts[indices],
             weights,
+            self.added,
             indices,
         )
 
@@ -138,59 +185,81 @@ class ReplayBuffer:
         total = self.tree.total
         edges = np.arange(batch_size) * (total / batch_size)
         values = edges + self.rng.random(batch_size) * (total / batch_size)
-        indices = np.minimum(
-            self.tree.find(np.minimum(values, np.nextafter(total, 0))), self.size - 1
-        )
+        indices = self.tree.find(np.minimum(values, np.nextafter(total, 0)))
         probs = self.tree.get(indices) / total
         weights = (self.size * probs) ** (-beta)
         return indices, (weights / weights.max()).astype(np.float32)
 
-    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
-        """New priorities |TD error| + eps for sampled slots; a no-op for uniform replay."""
+    @locked
+    def update_priorities(
+        self, indices: np.ndarray, td_errors: np.ndarray, sampled_at: Any = None
+    ) -> None:
+        """Priorities (|TD error| + eps)^alpha for sampled slots that still hold what was sampled.
+
+        `sampled_at` is the batch's `SampledBatch.sampled_at` (a number or a 0-d tensor): slots
+        written since keep their own priority. Without it, only live slots are updated. A no-op
+        for uniform replay.
+        """
         if self.tree is None:
             return
-        priorities = np.abs(td_errors).astype(np.float64) + self.priority_eps
+        before = self.added if sampled_at is None else int(sampled_at)
+        keep = self._holds(np.asarray(indices), before)
+        if not keep.any():
+            return
+        priorities = np.abs(np.asarray(td_errors)[keep]).astype(np.float64) + self.priority_eps
         self.max_priority = max(self.max_priority, float(priorities.max()))
-        self.tree.set(indices, priorities**self.alpha)
+        self.tree.set(np.asarray(indices)[keep], priorities**self.alpha)
 
+    @locked
     def latest(self, n: int) -> Transitions:
         """The `n` most recently added transitions (fewer if the buffer holds fewer)."""
         n = min(n, self.size)
         return self._gather((self.pos - n + np.arange(n)) % self.capacity)
 
+    @locked
     def highest_priority(self, n: int) -> Transitions:
         """The `n` transitions of highest priority; the latest ones for uniform replay."""
         if self.tree is None:
             return self.latest(n)
         n = min(n, self.size)
-        priorities = self.tree.get(np.arange(self.size))
-        return self._gather(np.argpartition(-priorities, n - 1)[:n] if n else np.zeros(0, int))
+        live = self.live_slots()
+        chosen = np.argpartition(-self.tree.get(live), n - 1)[:n] if n else np.zeros(0, int)
+        return self._gather(live[chosen])
 
+    @locked
     def transitions(self, slots: np.ndarray) -> Transitions:
-        """The transitions in `slots`, whole (to share with peers)."""
-        return self._gather(slots)
+        """The live transitions in `slots`, whole (to share with peers)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        return self._gather(slots[self._holds(slots, self.added)])
 
     def _gather(self, slots: np.ndarray) -> Transitions:
         return Transitions(*(getattr(self, name)[slots] for name in _FIELDS))
 
+    @locked
     def state_dict(self) -> dict:
-        """Contents and counters as plain numpy arrays and ints."""
-        state = {name: getattr(self, name)[: self.size].copy() for name in _FIELDS}
+        """Contents (every slot written so far) and counters as plain numpy arrays and ints."""
+        filled = min(self.added, self.capacity)
+        state = {name: getattr(self, name)[:filled].copy() for name in _FIELDS}
         state |= {"pos": self.pos, "size": self.size, "added": self.added}
         state["max_priority"] = self.max_priority
         if self.tree is not None:
-            state["priorities"] = self.tree.get(np.arange(self.size))
+            state["priorities"] = self.tree.get(np.arange(filled))
         state["rng"] = self.rng.bit_generator.state
         return state
 
+    @locked
     def load_state_dict(self, state: dict) -> None:
-        size = int(state["size"])
-        if size > self.capacity:
-            raise ValueError(f"replay state holds {size} transitions, capacity is {self.capacity}")
+        """Restore; a loaded priority is at least eps^alpha, as every priority here is."""
+        size, filled = int(state["size"]), len(state["actions"])
+        if max(size, filled) > self.capacity:
+            raise ValueError(f"replay state holds {filled} slots, capacity is {self.capacity}")
         for name in _FIELDS:
-            getattr(self, name)[:size] = np.asarray(state[name])
+            getattr(self, name)[:filled] = np.asarray(state[name])
         self.pos, self.size, self.added = int(state["pos"]), size, int(state["added"])
-        self.max_priority = float(state["max_priority"])
-        if self.tree is not None and "priorities" in state:
-            self.tree.set(np.arange(size), np.asarray(state["priorities"], dtype=np.float64))
+        self.max_priority = max(float(state["max_priority"]), self.priority_eps)
+        if self.tree is not None:
+            self.tree.nodes[:] = 0.0
+            saved = np.asarray(state.get("priorities", np.ones(filled)), dtype=np.float64)
+            live = self.live_slots()
+            self.tree.set(live, np.maximum(saved[live], self.priority_eps**self.alpha))
         self.rng.bit_generator.state = state["rng"]

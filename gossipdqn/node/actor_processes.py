@@ -32,7 +32,7 @@ from gossipdqn.dqn.actors import Actors
 from gossipdqn.dqn.envs import make_vector_env, spec_of
 from gossipdqn.dqn.networks import build_q_network
 from gossipdqn.net.wire import Kind, Message, WireLimits, decode, encode, tensors_from_state
-from gossipdqn.types import Transitions, VectorStep
+from gossipdqn.types import EnvSpec, Transitions, VectorStep
 
 RUN_ID = "actors"
 LIMITS = WireLimits(max_total_bytes=1 << 30)
@@ -63,6 +63,8 @@ class Received(NamedTuple):
     transitions: Transitions | None
     step: VectorStep | None
     episode_returns: np.ndarray
+    epsilon: float
+    """The actor's mean exploration rate in this step."""
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
@@ -72,15 +74,32 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
     return sock
 
 
+class _NodeSteps:
+    """The node's env steps as an actor process counts them: the count its newest policy
+    carried, plus `processes` times its own steps since (the node's other processes step alike),
+    so epsilon decays over the node's steps, not P times slower over this process's own."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes, self.policy, self.base, self.own = processes, (-1, 0), 0, 0
+
+    def seen(self, version: int, env_steps: int) -> None:
+        """Count from `env_steps` on when this (version, env steps) is new to the process."""
+        if (version, env_steps) != self.policy:
+            self.policy, self.base, self.own = (version, env_steps), env_steps, 0
+
+    def count(self) -> int:
+        return self.base + self.processes * self.own
+
+
 class _LocalPolicy:
     """A CPU copy of the Q-network, replaced by the newest broadcast before each step."""
 
-    def __init__(self, ctx: zmq.Context, endpoints: Endpoints, cfg: Config, actors: Actors) -> None:
-        self.net = build_q_network(actors.spec, cfg.network).requires_grad_(False)
+    def __init__(self, ctx: zmq.Context, endpoints: Endpoints, cfg: Config, spec: EnvSpec) -> None:
+        self.net = build_q_network(spec, cfg.network).requires_grad_(False)
         self.sub = _socket(ctx, zmq.SUB, 2)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(endpoints.policy)
-        self.actors, self.version = actors, -1
+        self.version, self.env_steps = -1, 0
 
     def refresh(self) -> None:
         """Load the newest policy; before the first one, wait for it."""
@@ -93,8 +112,7 @@ class _LocalPolicy:
             msg = decode(newest, LIMITS, run_id=RUN_ID)
             state = {k: torch.from_numpy(v.copy()) for k, v in msg.tensors.items()}
             self.net.load_state_dict(state)
-            self.version = msg.seq
-            self.actors.steps = max(self.actors.steps, int(msg.step))
+            self.version, self.env_steps = msg.seq, int(msg.step)
 
     @torch.inference_mode()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
@@ -107,7 +125,7 @@ class _RemotePolicy:
     def __init__(self, ctx: zmq.Context, endpoints: Endpoints, index: int) -> None:
         self.sock = _socket(ctx, zmq.DEALER, 2)
         self.sock.connect(endpoints.inference)
-        self.index, self.seq, self.version = index, 0, -1
+        self.index, self.seq, self.version, self.env_steps = index, 0, -1, 0
 
     def refresh(self) -> None:
         """Nothing to do: the learner refreshes its own copy."""
@@ -119,37 +137,47 @@ class _RemotePolicy:
         if not self.sock.poll(REPLY_TIMEOUT_MS):
             raise TimeoutError("the learner did not answer a Q-value request")
         reply = decode(self.sock.recv_multipart(copy=False), LIMITS, run_id=RUN_ID)
-        self.version = int(reply.step)
+        self.version, self.env_steps = int(reply.meta["version"]), int(reply.step)
         return reply.tensors["q"]
 
 
 def actor_main(
-    cfg: Config, index: int, incarnation: int, endpoints: Endpoints, frames: bool
-) -> None:
-    """An actor process: step the env, send each vector step, until the parent goes away."""
+    cfg: Config, index: int, incarnation: int, endpoints: Endpoints, frames: bool,
+    ladder: tuple[int, int],
+) -> None:  # fmt: skip
+    """An actor process: step the env, send each vector step, until the parent goes away.
+
+    `ladder` is (index of its first env among all actors, all actors of all nodes).
+    """
     torch.set_num_threads(1)
     parent = os.getppid()
     env = make_vector_env(cfg.env)
     seed = cfg.seed + 7919 * (index + 1) + 104_729 * incarnation
-    total = cfg.actor.processes * cfg.env.num_envs
     actors = Actors(
         env, spec_of(env), cfg.actor, n_step=cfg.replay.n_step, gamma=cfg.learner.gamma,
-        seed=seed, actor_offset=index * cfg.env.num_envs, total_actors=total,
+        seed=seed, actor_offset=ladder[0], total_actors=ladder[1],
     )  # fmt: skip
     ctx = zmq.Context()
     push = _socket(ctx, zmq.PUSH, cfg.actor.queue_steps)
     push.connect(endpoints.steps)
     remote = cfg.actor.inference == "learner"
     policy = _RemotePolicy(ctx, endpoints, index) if remote else _LocalPolicy(
-        ctx, endpoints, cfg, actors
+        ctx, endpoints, cfg, actors.spec
     )  # fmt: skip
+    node_steps = _NodeSteps(cfg.actor.processes)
     seq = 0
     while os.getppid() == parent:
-        policy.refresh()
+        policy.refresh()  # a broadcast policy arrives here, the learner's answers during a step
+        node_steps.seen(policy.version, policy.env_steps)
+        actors.steps = node_steps.count()
+        epsilon = float(np.mean(actors.epsilon()))
         out = actors.step(policy.q_values)
+        node_steps.seen(policy.version, policy.env_steps)
+        node_steps.own += out.env_steps
         tensors = dict(out.step._asdict() if frames else out.transitions._asdict())
         tensors["episode_returns"] = out.episode_returns.astype(np.float64)
         meta = {"version": policy.version, "env_steps": out.env_steps, "incarnation": incarnation}
+        meta["epsilon"] = epsilon
         frames_out = encode(
             Message(Kind.EXPERIENCE, RUN_ID, index, seq, actors.steps, tensors, meta)
         )
@@ -165,7 +193,7 @@ class InferenceServer:
     def __init__(
         self, ctx: zmq.Context, address: str, net: nn.Module, device: torch.device
     ) -> None:
-        self.net, self.device, self.version = net, device, 0
+        self.net, self.device, self.version, self.env_steps = net, device, 0, 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.router = _socket(ctx, zmq.ROUTER, 1024)
@@ -173,10 +201,10 @@ class InferenceServer:
         self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.thread.start()
 
-    def load(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load(self, state: dict[str, torch.Tensor], version: int, env_steps: int) -> None:
         with self.lock:
             self.net.load_state_dict(state)
-            self.version = version
+            self.version, self.env_steps = version, env_steps
 
     def _run(self) -> None:
         try:
@@ -197,10 +225,11 @@ class InferenceServer:
         obs = torch.from_numpy(np.concatenate(arrays)).to(self.device, non_blocking=True)
         with self.lock, torch.inference_mode():
             q = self.net(obs).float().cpu().numpy()
-            version = self.version
+            version, env_steps = self.version, self.env_steps
         bounds = np.cumsum([0] + [len(a) for a in arrays])
         for (identity, sender, seq), lo, hi in zip(who, bounds[:-1], bounds[1:]):
-            reply = Message(Kind.PULL, RUN_ID, sender, seq, version, {"q": q[lo:hi]})
+            meta = {"version": version}
+            reply = Message(Kind.PULL, RUN_ID, sender, seq, env_steps, {"q": q[lo:hi]}, meta)
             self.router.send_multipart([identity, *encode(reply)], copy=False)
 
     def close(self) -> None:
@@ -212,11 +241,17 @@ class ActorPool:
     """`actor.processes` actor processes feeding this (learner) process; restarts the dead."""
 
     def __init__(
-        self, cfg: Config, *, frames: bool, policy: nn.Module, device: torch.device
-    ) -> None:
-        """`policy` is the learner's online net, read only when `publish` or `receive` run."""
+        self, cfg: Config, *, frames: bool, policy: nn.Module, device: torch.device,
+        actor_offset: int = 0, total_actors: int | None = None,
+    ) -> None:  # fmt: skip
+        """`policy` is the learner's online net, read only when `publish` or `receive` run;
+        this node's actors are `actor_offset ..` of `total_actors` (its own alone by default)."""
         self.cfg, self.frames, self.policy = cfg, frames, policy
         self.version, self.env_steps = 0, 0
+        self.actor_offset = actor_offset
+        self.total_actors = total_actors or cfg.actor.processes * cfg.env.num_envs
+        self.epsilons = np.full(cfg.actor.processes, np.nan)
+        """Each actor process's exploration rate in its latest step (NaN before its first)."""
         self.dir = Path(tempfile.mkdtemp(prefix="gdqn-"))
         base = f"ipc://{self.dir}"
         self.endpoints = Endpoints(f"{base}/steps", f"{base}/policy", f"{base}/inference")
@@ -243,7 +278,8 @@ class ActorPool:
             self._start(index)
 
     def _start(self, index: int) -> None:
-        args = (self.cfg, index, self.incarnations[index], self.endpoints, self.frames)
+        ladder = (self.actor_offset + index * self.cfg.env.num_envs, self.total_actors)
+        args = (self.cfg, index, self.incarnations[index], self.endpoints, self.frames, ladder)
         proc = self.spawn.Process(target=actor_main, args=args, daemon=True, name=f"actor-{index}")
         proc.start()
         self.procs[index] = proc
@@ -298,16 +334,23 @@ class ActorPool:
         step = VectorStep(*(t[k] for k in VectorStep._fields)) if self.frames else None
         transitions = None if self.frames else Transitions(*(t[k] for k in Transitions._fields))
         stream = self.stream_of(msg.sender, int(msg.meta["incarnation"]))
+        epsilon = float(msg.meta["epsilon"])
+        self.epsilons[msg.sender] = epsilon
         return Received(
             msg.sender, stream, msg.seq, int(msg.meta["version"]), int(msg.meta["env_steps"]),
-            transitions, step, t["episode_returns"],
+            transitions, step, t["episode_returns"], epsilon,
         )  # fmt: skip
+
+    def epsilon(self) -> float | None:
+        """The actor processes' mean exploration rate in their latest steps; None before any."""
+        reported = self.epsilons[~np.isnan(self.epsilons)]
+        return float(reported.mean()) if len(reported) else None
 
     def publish(self, version: int, env_steps: int) -> None:
         """Send the policy's current weights to the actors (or the inference thread)."""
         self.version, self.env_steps = version, env_steps
         if self.server is not None:
-            self.server.load(self.policy.state_dict(), version)
+            self.server.load(self.policy.state_dict(), version, env_steps)
             return
         state = tensors_from_state(self.policy.state_dict())
         self.pub.send_multipart(

@@ -19,7 +19,7 @@ from gossipdqn.dqn.actors import Actors
 from gossipdqn.dqn.envs import make_vector_env, spec_of
 from gossipdqn.dqn.evaluate import evaluate
 from gossipdqn.dqn.frame_replay import make_replay
-from gossipdqn.dqn.learner import Learner, Prefetcher
+from gossipdqn.dqn.learner import Learner, Prefetcher, UpdateSchedule
 from gossipdqn.exchange import Exchange
 from gossipdqn.node.actor_processes import ActorPool, Received
 from gossipdqn.node.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -41,9 +41,11 @@ class Progress:
     updates: int = 0
     episodes: int = 0
     train_s: float = 0.0
+    cpu_s: float = 0.0
     evals: int = 0
     steps_to_threshold: int | None = None
     seconds_to_threshold: float | None = None
+    cpu_seconds_to_threshold: float | None = None
     last_eval: float | None = None
     evals_at_threshold: int = 0
 
@@ -59,18 +61,20 @@ class Progress:
         reached = self.evals_at_threshold >= cfg.consecutive
         if reached and self.steps_to_threshold is None:
             self.steps_to_threshold, self.seconds_to_threshold = self.env_steps, self.train_s
+            self.cpu_seconds_to_threshold = self.cpu_s
         return reached
 
     def summary(self, final: EvalResult | None, *, interrupted: bool) -> dict[str, Any]:
         """The counters and the final evaluation, as `summary.json` holds them."""
         return {
             "env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-            "wall_s": self.train_s, "interrupted": interrupted,
+            "wall_s": self.train_s, "cpu_s": self.cpu_s, "interrupted": interrupted,
             "final_eval_return_mean": final.mean if final else None,
             "final_eval_return_std": final.std if final else None,
             "final_eval_returns": list(final.returns) if final else None,
             "steps_to_threshold": self.steps_to_threshold,
             "seconds_to_threshold": self.seconds_to_threshold,
+            "cpu_seconds_to_threshold": self.cpu_seconds_to_threshold,
         }  # fmt: skip
 
 
@@ -118,14 +122,14 @@ class Node:
             seed=cfg.seed, actor_offset=actor_offset, total_actors=total_actors,
         )  # fmt: skip
         self.replay = make_replay(cfg.replay, self.spec, gamma=cfg.learner.gamma, seed=cfg.seed + 1)
-        self.replay_lock = threading.Lock()
         self.learner = Learner(self.spec, cfg.network, cfg.learner, seed=cfg.seed)
+        self.schedule = UpdateSchedule(cfg.learner.learning_starts, cfg.learner.updates_per_step)
         self.prefetcher: Prefetcher | None = None
         self.pool: ActorPool | None = None
         if cfg.actor.processes:
             self.pool = ActorPool(
                 cfg, frames=self.replay.stores_frames, device=self.learner.device,
-                policy=self.learner.online,
+                policy=self.learner.online, actor_offset=actor_offset, total_actors=total_actors,
             )  # fmt: skip
         self.exchange: Exchange | None = None
         self.progress = Progress()
@@ -143,11 +147,8 @@ class Node:
         exchange.attach(self.learner, self.replay)
 
     def updates_due(self) -> int:
-        lc = self.cfg.learner
-        if self.progress.env_steps < lc.learning_starts or len(self.replay) < lc.batch_size:
-            return 0
-        target = int((self.progress.env_steps - lc.learning_starts) * lc.updates_per_step)
-        return max(0, target - self.progress.updates)
+        enough = len(self.replay) >= self.cfg.learner.batch_size
+        return self.schedule.due(self.progress.env_steps, self.progress.updates) if enough else 0
 
     def train_step(self) -> None:
         """Step the actors once, store what they saw, then run the updates now due.
@@ -176,14 +177,14 @@ class Node:
             received: list[Received] = pool.receive(0.05, max_messages=self.cfg.actor.processes)
         for r in received:
             self._store(r.stream, r.transitions, r.step, r.env_steps, r.episode_returns)
-        self.actors.steps = self.progress.env_steps
+        self.actors.steps = self.progress.env_steps  # the epsilon state a checkpoint keeps
 
     def _store(
         self, stream: int, transitions: Transitions | None, step: VectorStep | None,
         env_steps: int, episode_returns: np.ndarray,
     ) -> None:  # fmt: skip
         """Add one vector step's experience to replay and count it; tell the exchange."""
-        with self.timer.phase("replay_add"), self.replay_lock:
+        with self.timer.phase("replay_add"), self.replay.lock:  # the slots read back are ours
             slots = self.replay.add_step(stream, transitions, step)
             if transitions is None and self.exchange is not None:
                 transitions = self.replay.transitions(slots)
@@ -197,8 +198,7 @@ class Node:
 
     def _sample(self) -> SampledBatch:
         beta = self.progress.beta(self.cfg.replay)
-        with self.replay_lock:
-            return self.replay.sample(self.cfg.learner.batch_size, beta)
+        return self.replay.sample(self.cfg.learner.batch_size, beta)
 
     def _update(self) -> None:
         with self.timer.phase("sample"):
@@ -209,8 +209,7 @@ class Node:
                 batch = self._sample()
         with self.timer.phase("update"):
             result = self.learner.step(batch, td_errors=self.replay.prioritized)
-        with self.replay_lock:
-            self.replay.update_priorities(batch.indices, result.td_errors)
+        self.replay.update_priorities(batch.indices, result.td_errors, batch.sampled_at)
         self.progress.updates += 1
         self.window.updates += 1
         if not math.isnan(result.loss):
@@ -227,6 +226,7 @@ class Node:
         """Greedy evaluation on separate environments, seeded apart from training."""
         self.progress.evals += 1
         seed, eps = self.cfg.seed + 1_000_003 * self.progress.evals, self.cfg.eval.eps
+        self.learner.sync_actor_net()  # whatever changed the online net last, evaluate it
         return evaluate(self.learner.q_values, self.cfg.env, episodes, seed=seed, eps=eps)
 
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -238,9 +238,10 @@ class Node:
         next_ckpt = _next_multiple(self.progress.env_steps, cfg.checkpoint.every_steps)
         solved = False
         while self.progress.env_steps < cfg.train.total_steps and not stop.is_set() and not solved:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             self.train_step()
             self.progress.train_s += time.perf_counter() - started
+            self.progress.cpu_s += time.process_time() - started_cpu
             steps = self.progress.env_steps
             if next_eval and steps >= next_eval:
                 next_eval = _next_multiple(steps, cfg.eval.every_steps)
@@ -267,7 +268,7 @@ class Node:
         p = self.progress
         record: dict[str, Any] = {"step": p.env_steps, "wall_s": p.train_s}
         record |= {"updates": p.updates, "episodes": p.episodes, "replay_size": len(self.replay)}
-        record |= self.window.record() | {"epsilon": float(np.mean(self.actors.epsilon()))}
+        record |= self.window.record() | {"epsilon": acting_epsilon(self.actors, self.pool)}
         record |= self.timer.split()
         if self.exchange is not None:
             record |= self.exchange.metrics()
@@ -330,6 +331,8 @@ class Node:
         torch.set_rng_state(state["torch_rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        else:  # an empty replay: collect learning_starts steps again, then the same ratio
+            self.schedule = self.schedule.restarted(self.progress.env_steps, self.progress.updates)
         if self.exchange is not None and state.get("exchange"):
             self.exchange.load_state_dict(state["exchange"])
         if self.pool is not None:  # actors (and the inference copy) act with the restored net
@@ -346,13 +349,18 @@ class Node:
         self.log.close()
 
 
-PROGRESS_EXCHANGE_KEYS = ("peers_alive", "params_mixed_per_s", "mixing_stalled")
+PROGRESS_EXCHANGE_KEYS = ("peers_alive", "params_mixed_per_s", "mixing_stalled", "insecure")
 """What the progress line shows of an exchange's metrics (those it reports)."""
 
 
 def _next_multiple(value: int, every: int) -> int:
     """The first multiple of `every` above `value`; 0 when `every` is 0 (disabled)."""
     return (value // every + 1) * every if every else 0
+
+
+def acting_epsilon(actors: Actors, pool: ActorPool | None) -> float | None:
+    """The mean exploration rate the node's actors act with (its actor processes' when any)."""
+    return pool.epsilon() if pool is not None else float(np.mean(actors.epsilon()))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -369,10 +377,11 @@ def node_of_rank(
     resumed: bool = False, quiet: bool = False, label: str | None = None,
 ) -> Node:  # fmt: skip
     """Node `rank` of a run of `world` nodes: its seed is the run's plus `rank` (a resumed
-    node's saved config has it already), its actors are `rank * E ..` of `world * E` in all."""
+    node's saved config has it already), its actors are `rank * E ..` of `world * E` in all
+    (E: env.num_envs, times actor.processes when there are any)."""
     if not resumed:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + rank)
-    envs = cfg.env.num_envs
+    envs = cfg.env.num_envs * max(1, cfg.actor.processes)
     return Node(
         cfg, run_dir, quiet=quiet, label=f"[node {rank}]" if label is None else label,
         actor_offset=rank * envs, total_actors=world * envs,

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from gossipdqn.config import ConfigError, config_from_dict
 from gossipdqn.dqn.replay import ReplayBuffer, SumTree
 from gossipdqn.types import Transitions
 
@@ -69,7 +70,7 @@ def test_prioritized_sampling_is_proportional():
 
 
 def test_importance_weights():
-    replay = ReplayBuffer(4, (2,), np.float32, prioritized=True, alpha=1.0, priority_eps=0.0)
+    replay = ReplayBuffer(4, (2,), np.float32, prioritized=True, alpha=1.0, priority_eps=1e-9)
     replay.add(batch(range(4)))
     replay.update_priorities(np.arange(4), np.array([1.0, 1.0, 1.0, 5.0]))
     sample = replay.sample(64, beta=0.5)
@@ -96,3 +97,47 @@ def test_state_dict_round_trip(prioritized):
     for x, y in zip(sa, sb):
         assert np.array_equal(x, y)
     assert (a.pos, a.size, a.added) == (b.pos, b.size, b.added)
+
+
+def test_priorities_skip_slots_written_since_the_sample():
+    """A prefetched batch's slots overwritten before its update keep their new max priority."""
+    replay = ReplayBuffer(8, (2,), np.float32, prioritized=True, alpha=1.0, priority_eps=1e-9)
+    replay.add(batch(range(8)))
+    replay.update_priorities(np.arange(8), np.full(8, 2.0))
+    sampled = replay.sample(8)
+    replay.update_priorities(np.arange(8), np.full(8, 0.5))  # other batches updated meanwhile
+    slots = replay.add(batch([8, 9, 10]))  # three new transitions, at max priority 2
+    replay.update_priorities(sampled.indices, np.full(8, 7.0), sampled.sampled_at)
+    priorities = replay.tree.get(np.arange(8))
+    assert np.allclose(priorities[slots], 2.0)
+    kept = np.setdiff1d(sampled.indices, slots)
+    assert len(kept) > 0 and np.allclose(priorities[kept], 7.0)
+
+
+def test_a_priority_eps_of_zero_is_refused():
+    with pytest.raises(ConfigError, match="replay.priority_eps: expected a value >= 1e-12"):
+        config_from_dict({"replay": {"priority_eps": 0.0}})
+    with pytest.raises(ValueError, match="priority_eps: expected a value > 0"):
+        ReplayBuffer(4, (2,), np.float32, prioritized=True, priority_eps=0.0)
+
+
+def test_loaded_zero_priorities_still_give_finite_weights():
+    replay = ReplayBuffer(4, (2,), np.float32, prioritized=True)
+    replay.add(batch(range(4)))
+    state = replay.state_dict() | {"priorities": np.zeros(4), "max_priority": 0.0}
+    restored = ReplayBuffer(4, (2,), np.float32, prioritized=True)
+    restored.load_state_dict(state)
+    sample = restored.sample(16, beta=0.4)
+    assert np.isfinite(sample.weights).all() and np.allclose(sample.weights, 1.0)
+
+
+def test_sum_tree_never_finds_a_zero_leaf():
+    """Rounding can leave a value at the end of its interval: it must not fall to a zero leaf."""
+    priorities = np.array([0.7955234726948781, 0, 546.2117375542567, 0, 0.0954106398771708,
+                           599.2218043386945, 633.1918418312509, 0])  # fmt: skip
+    tree = SumTree(8)
+    tree.set(np.arange(8), priorities)
+    edges = np.cumsum(priorities)
+    values = np.concatenate([edges, np.nextafter(edges, 0)])
+    found = tree.find(values[values < tree.total])
+    assert (priorities[found] > 0).all(), found
