@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from gossipdqn.config import ActorConfig
+from gossipdqn.dqn.envs import LIFE_LOST
 from gossipdqn.types import EnvSpec, Transitions, VectorStep
 
 QFunction = Callable[[np.ndarray], np.ndarray]
@@ -135,18 +136,20 @@ class Actors:
         actions = np.where(
             explore, self.rng.integers(0, self.spec.n_actions, self.num_envs), actions
         )
-        next_obs, rewards, terminated, truncated, _ = self.env.step(actions)
+        next_obs, rewards, terminated, truncated, info = self.env.step(actions)
         valid = ~self.reset_pending
         transitions = self.nstep.push(
             self.obs, actions, rewards, next_obs, terminated, truncated, valid
         )
         self.episode_return += np.where(valid, rewards, 0.0)
         self.episode_length += valid
-        ended = (terminated | truncated) & valid
+        # a lost Atari life is terminal for the n-step returns, but the game goes on unreset
+        resets = (terminated | truncated) & ~np.asarray(info.get(LIFE_LOST, False), dtype=bool)
+        ended = resets & valid
         returns, lengths = self.episode_return[ended], self.episode_length[ended]
         self.episode_return[ended] = 0.0
         self.episode_length[ended] = 0
-        self.reset_pending = terminated | truncated
+        self.reset_pending = resets
         step = VectorStep(self.obs, actions, rewards, next_obs, terminated, truncated, valid)
         self.obs = next_obs
         n_valid = int(valid.sum())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -12,6 +14,8 @@ from gossipdqn.types import EnvSpec
 
 ATARI_MAX_FRAMES = 108_000
 """The standard episode cap: 27k agent steps of 4 frames (30 minutes of play)."""
+LIFE_LOST = "life_lost"
+"""Step info key (training Atari envs): a life was lost and the game goes on, no reset follows."""
 
 
 class EnvError(ValueError):
@@ -42,15 +46,43 @@ def _make_atari(cfg: EnvConfig, n: int, training: bool) -> gym.vector.VectorEnv:
         ) from None
     frames = cfg.max_episode_steps * 4 if cfg.max_episode_steps else ATARI_MAX_FRAMES
     try:
-        return AtariVectorEnv(
+        env = AtariVectorEnv(
             atari_game(cfg.id), n, num_threads=cfg.threads, noop_max=cfg.noop_max,
             frameskip=4, maxpool=True, img_height=84, img_width=84, grayscale=True, stack_num=4,
-            episodic_life=cfg.episodic_life and training,
-            reward_clipping=cfg.clip_rewards and training,
+            episodic_life=False, reward_clipping=cfg.clip_rewards and training,
             max_num_frames_per_episode=frames, repeat_action_probability=0.0,
         )  # fmt: skip
     except (AssertionError, RuntimeError, ValueError) as e:  # ale-py asserts on bad ROM names
         raise EnvError(f"env.id: cannot make {cfg.id!r} ({e})") from None
+    return EpisodicLife(env) if cfg.episodic_life and training else env
+
+
+class EpisodicLife(gym.vector.VectorWrapper):
+    """DeepMind's episodic life: a lost life is terminal for the learner and the game goes on.
+
+    ale-py's `episodic_life` resets the whole game at every lost life, and its `life_loss_info`
+    sets `terminated` at a lost life without telling it from a game over (which resets). Here
+    ale-py's `terminated` stays the game over; a drop of `info["lives"]` also sets `terminated`,
+    and `info[LIFE_LOST]` marks the envs whose game goes on.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv) -> None:
+        super().__init__(env)
+        self.lives = np.zeros(env.num_envs, dtype=np.int64)
+
+    def reset(self, **kwargs: object) -> tuple[np.ndarray, dict]:
+        obs, info = self.env.reset(**kwargs)
+        self.lives = np.array(info["lives"], dtype=np.int64)
+        return obs, info
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        obs, rewards, terminated, truncated, info = self.env.step(actions)
+        lives = np.array(info["lives"], dtype=np.int64)
+        lost, self.lives = lives < self.lives, lives
+        info[LIFE_LOST] = lost & ~(terminated | truncated)
+        return obs, rewards, terminated | lost, truncated, info
 
 
 def _register_minatar(env_id: str) -> None:
@@ -64,11 +96,24 @@ def _register_minatar(env_id: str) -> None:
         minatar.gym.register_envs()
 
 
+def import_env_modules(modules: Sequence[str]) -> None:
+    """Import each module of `env.imports` (they register gymnasium ids); EnvError if one fails."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a user's module may fail in any way while importing
+            raise EnvError(
+                f"env.imports: cannot import {name!r} ({type(e).__name__}: {e}); expected a "
+                "module on this machine's python path (PYTHONPATH) that registers the env"
+            ) from None
+
+
 def make_vector_env(
     cfg: EnvConfig, num_envs: int | None = None, *, training: bool = True
 ) -> gym.vector.VectorEnv:
     """`num_envs` copies of `cfg.id`; evaluation (`training=False`) sees whole, unclipped games."""
     n = num_envs or cfg.num_envs
+    import_env_modules(cfg.imports)
     if is_atari(cfg.id):
         env = _make_atari(cfg, n, training)
     else:
