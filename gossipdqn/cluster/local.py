@@ -6,12 +6,13 @@ import json
 import socket
 import sys
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 from gossipdqn.cluster import procs
 from gossipdqn.cluster.procs import STOP_GRACE_S
+from gossipdqn.cluster.view import live_view
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -59,18 +60,34 @@ def combined_summary(run_dir: Path, codes: list[int]) -> dict[str, Any]:
 
 
 def run_local(
-    n: int, run_dir: Path, passthrough: list[str], stop: threading.Event, *, resume: bool = False
-) -> int:
-    """Run `n` nodes to the end (or until `stop`); write the combined summary; exit code."""
+    n: int, run_dir: Path, passthrough: list[str], stop: threading.Event, *,
+    resume: bool = False, live: bool = False,
+) -> int:  # fmt: skip
+    """Run `n` nodes to the end (or until `stop`); write the combined summary; exit code.
+
+    With `live` the nodes are quiet and a table of them is kept up to date on the terminal.
+    """
     addresses = [f"127.0.0.1:{p}" for p in free_ports(n)]
     run_dir.mkdir(parents=True, exist_ok=True)
-    commands = [node_command(r, addresses, run_dir, passthrough, resume=resume) for r in range(n)]
-    # node output goes to ours unprefixed: a node's progress lines carry their own label
-    nodes = [child.proc for child in procs.start_group(commands)]
-    try:
-        procs.watch(nodes, stop)
-    finally:
-        procs.stop(nodes, STOP_GRACE_S)
+    quiet = ["--quiet"] if live and "--quiet" not in passthrough else []
+    commands = [
+        node_command(r, addresses, run_dir, [*passthrough, *quiet], resume=resume)
+        for r in range(n)
+    ]  # fmt: skip
+    exits: dict[int, int] = {}
+
+    def record(rank: int, code: int) -> bool:
+        exits[rank] = code
+        return False  # watch the others to the end
+
+    with live_view(run_dir, n, exits) if live else nullcontext():
+        # node output goes to ours unprefixed (above the table when live): lines carry a label
+        nodes = [child.proc for child in procs.start_group(commands)]
+        try:
+            procs.watch(nodes, stop, on_exit=record)
+        finally:
+            procs.stop(nodes, STOP_GRACE_S)
+            exits.update({rank: p.returncode for rank, p in enumerate(nodes)})
     codes = [p.returncode for p in nodes]
     summary = combined_summary(run_dir, codes)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
