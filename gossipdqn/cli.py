@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -20,8 +21,9 @@ from gossipdqn.cluster.ssh import (
     resolve_slurm_peers,
     run_launch,
 )
+from gossipdqn.cluster.view import live_view, print_status, wants_live_view
 from gossipdqn.config import Config, ConfigError, load_config
-from gossipdqn.dqn.envs import EnvError
+from gossipdqn.dqn.envs import EnvError, import_env_modules
 from gossipdqn.gossip.nodes import gossip_node
 from gossipdqn.net.keys import SecurityError, generate_keys
 from gossipdqn.net.transport import TransportError
@@ -144,15 +146,36 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UsageError(f"-n {args.n}: expected at least 1 node")
     cfg = resolve_config(args)
+    import_env_modules(cfg.env.imports)  # a module that cannot be imported fails before any node
     run_dir = args.resume or args.run_dir or resolve_run_dir(args, cfg)
     passthrough = forwarded_options(args)
     if not args.quiet:
         print(f"gossipdqn: {args.n} nodes training {cfg.env.id} into {run_dir}", flush=True)
+    live = wants_live_view(args.plain, args.quiet)
     with signals_to_event() as stop:
-        code = run_local(args.n, run_dir, passthrough, stop, resume=args.resume is not None)
+        resume = args.resume is not None
+        code = run_local(args.n, run_dir, passthrough, stop, resume=resume, live=live)
     if not args.quiet:
         print_local_summary(json.loads((run_dir / "summary.json").read_text()))
     return code
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """`gossipdqn launch`; on a terminal, a live table of the node dirs of the run seen here."""
+    launch = functools.partial(run_launch, make_keys=generate_keys)
+    if args.dry_run or not wants_live_view(args.plain, args.quiet):
+        return launch(args)
+    args.quiet = True  # the table takes the place of the nodes' progress lines
+    with live_view(Path(args.remote_dir, args.run_dir)):
+        return launch(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.run_dir.is_dir():
+        raise UsageError(f"{args.run_dir}: no such directory; expected a run dir")
+    if print_status(args.run_dir) == 0:
+        raise UsageError(f"{args.run_dir}: no node-<rank> dirs; expected a run dir")
+    return 0
 
 
 def print_local_summary(summary: dict) -> None:
@@ -310,12 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("local", help="run N gossip nodes as processes on this machine")
     local.add_argument("-n", type=int, default=4, help="number of nodes (default 4)")
+    local.add_argument("--plain", action="store_true", help="progress lines, not a live table")
     add_run_arguments(local)
     local.set_defaults(func=cmd_local)
 
+    status = sub.add_parser("status", help="the table of a running or finished run's nodes")
+    status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    status.set_defaults(func=cmd_status)
+
     launch = sub.add_parser("launch", help="start nodes on many hosts over ssh")
     add_launch_arguments(launch)
-    launch.set_defaults(func=run_launch)
+    launch.add_argument("--plain", action="store_true", help="node lines, not a live table")
+    launch.set_defaults(func=cmd_launch)
 
     ev = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="checkpoint file or run dir")

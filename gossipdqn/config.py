@@ -33,6 +33,9 @@ def setting(
 @dataclass(frozen=True)
 class EnvConfig:
     id: str = setting("CartPole-v1", "gymnasium environment id")
+    imports: tuple[str, ...] = setting(
+        (), "modules imported on every node before the environment is made (they register ids)"
+    )
     num_envs: int = setting(8, "environments stepped together by the node's actors", low=1)
     vectorization: str = setting(
         "sync",
@@ -40,7 +43,9 @@ class EnvConfig:
         choices=("sync", "async"),
     )
     max_episode_steps: int = setting(0, "episode step cap; 0 keeps the environment's own", low=0)
-    episodic_life: bool = setting(True, "Atari: a lost life ends a training episode (not in eval)")
+    episodic_life: bool = setting(
+        True, "Atari: a lost life is terminal for the learner; the game goes on (eval: whole games)"
+    )
     clip_rewards: bool = setting(
         True, "Atari: training rewards clipped to their sign (not in eval)"
     )
@@ -94,7 +99,7 @@ class ReplayConfig:
     alpha: float = setting(0.6, "priority exponent of prioritized replay", low=0.0, high=1.0)
     beta_start: float = setting(0.4, "initial importance-weight exponent", low=0.0, high=1.0)
     beta_steps: int = setting(50_000, "env steps over which beta anneals to 1", low=1)
-    priority_eps: float = setting(1e-6, "added to |TD error| so no priority is zero", low=0.0)
+    priority_eps: float = setting(1e-6, "added to |TD error| so no priority is zero", low=1e-12)
     storage: str = setting(
         "auto",
         "whole observations per transition, or each stacked frame once (auto: frames for Atari)",
@@ -186,13 +191,22 @@ class GossipConfig:
     queue_messages: int = setting(
         8, "outbound messages queued per peer before the oldest drops", low=1
     )
-    max_message_mb: float = setting(64.0, "largest inbound message accepted, in MiB", low=0.001)
+    max_message_mb: float = setting(
+        64.0,
+        "cap on an inbound frame and message, in MiB; a gossip node derives tighter bounds from "
+        "its own model and env (docs/security.md)",
+        low=0.001,
+    )
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
     keys_dir: str = setting("", "directory from `gossipdqn keys generate`; empty disables CURVE")
-    require_keys: bool = setting(False, "refuse to bind a non-loopback address without keys")
+    insecure: bool = setting(
+        False,
+        "accept binding a non-loopback address without keys (unauthenticated, unencrypted; "
+        "warned at start and in every progress line); without it such a node refuses to start",
+    )
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ import tarfile
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import gossipdqn
-from gossipdqn.cluster import procs
+from gossipdqn.cluster import keyship, procs
 from gossipdqn.cluster.hosts import (
     DEFAULT_PORT,
     HostsError,
@@ -85,6 +85,8 @@ class LaunchPlan:
     nodes: tuple[NodeAddress, ...]
     ssh: SshSettings
     remote: RemoteSettings
+    keys: bool = False
+    """Each node gets its part of a fresh CURVE key set of the run (see `cluster.keyship`)."""
 
     def node_command(self, node: NodeAddress) -> list[str]:
         """The exact local argv that starts `node` on its host."""
@@ -93,12 +95,23 @@ class LaunchPlan:
         argv += ["--peers", ",".join(n.peer for n in self.nodes)]
         argv += ["--run-dir", remote.node_dir(node.rank), "--bind", node.bind]
         argv += ["--device", node.device] if node.device else []
+        argv += remote.node_args
+        argv += [keyship.node_setting(remote.run_dir, node.rank)] if self.keys else []
         pidfile = f"{remote.node_dir(node.rank)}/{PIDFILE}"
         wrapper = [remote.python, "-m", "gossipdqn.cluster.supervisor", "--pidfile", pidfile]
         wrapper += ["--grace", f"{remote.grace:g}", "--"]
-        return self.ssh.command(
-            node.spec.target, remote.shell([*wrapper, *argv, *remote.node_args])
+        return self.ssh.command(node.spec.target, remote.shell([*wrapper, *argv]))
+
+    def ranks_on(self, target: str) -> list[int]:
+        """The ranks of the nodes that run on `target`."""
+        return [n.rank for n in self.nodes if n.spec.target == target]
+
+    def install_keys_command(self, target: str) -> list[str]:
+        """The ssh argv that unpacks, from its stdin, the key bundle of `target`'s nodes."""
+        script = keyship.install_script(
+            self.remote.directory, self.remote.run_dir, self.ranks_on(target)
         )
+        return self.ssh.command(target, script)
 
     def kill_command(self, node: NodeAddress) -> list[str]:
         """The argv that kills `node`'s process group on its host, found through its pid file."""
@@ -245,16 +258,24 @@ def _untar_from(argv: list[str], dest: Path) -> str | None:
     return f"copy failed (exit {proc.returncode})" if proc.returncode else None
 
 
-def run_launch(args: argparse.Namespace) -> int:
-    """`gossipdqn launch`: preflight, start every node, stream, stop all; the exit code."""
+def run_launch(args: argparse.Namespace, make_keys: keyship.KeyMaker | None = None) -> int:
+    """`gossipdqn launch`: preflight, start every node, stream, stop all; the exit code.
+
+    With `make_keys` (the CLI passes `gossipdqn.net.keys.generate_keys`), a run without
+    `security.keys_dir` gets a fresh CURVE key set, handed to each host before its nodes start.
+    """
     try:
         plan = build_plan(args)
     except HostsError as exc:
         _say(f"error: {exc}")
         return 2
+    keys = make_keys is not None and args.baseline is None and not keyship.keys_given(args)
+    plan = replace(plan, keys=keys)
     if args.dry_run:
         for node in plan.nodes:
             print(shlex.join(plan.node_command(node)))
+        for target in plan.targets() if keys else []:
+            print(f"{shlex.join(plan.install_keys_command(target))}  # stdin: keys of {target}")
         return 0
     try:
         failures = preflight(plan)
@@ -265,6 +286,8 @@ def run_launch(args: argparse.Namespace) -> int:
         _say(f"preflight failed on {len(failures)} of {len(plan.targets())} hosts; nothing started")
         for failure in failures:
             _say(f"  {failure}")
+        return 2
+    if keys and make_keys is not None and not _hand_out_keys(plan, make_keys):
         return 2
     _say(f"starting {len(plan.nodes)} nodes on {len(plan.targets())} hosts")
     with procs.signals_to_event() as stop:
@@ -278,6 +301,21 @@ def run_launch(args: argparse.Namespace) -> int:
             _say(f"collect: {failure}")
             code = code or 1
     return code
+
+
+def _hand_out_keys(plan: LaunchPlan, make_keys: keyship.KeyMaker) -> bool:
+    """A fresh CURVE key set, each host's part sent over ssh; False (said why) on a failure."""
+    failures = keyship.hand_out(
+        make_keys, {t: plan.ranks_on(t) for t in plan.targets()}, plan.install_keys_command,
+        plan.ssh.connect_timeout + 30,
+    )  # fmt: skip
+    for failure in failures:
+        _say(f"  {failure}")
+    if failures:
+        _say(f"could not hand out CURVE keys to {len(failures)} hosts; nothing started")
+    else:
+        _say(f"fresh CURVE keys for {len(plan.nodes)} nodes handed out over ssh")
+    return not failures
 
 
 def _say(message: str) -> None:

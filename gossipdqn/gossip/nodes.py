@@ -9,7 +9,7 @@ import numpy as np
 from gossipdqn.config import Config
 from gossipdqn.dqn.networks import fingerprint as network_fingerprint
 from gossipdqn.gossip.checks import ObsBounds
-from gossipdqn.gossip.protocol import Gossip
+from gossipdqn.gossip.protocol import MESSAGE_PARTS, Gossip, inbound_bounds
 from gossipdqn.net.transport import Transport
 from gossipdqn.node.node import Node, default_run_id, node_of_rank
 
@@ -31,9 +31,12 @@ def gossip_node(
     endpoints = [f"tcp://{a}" for a in addresses]
     host, port = addresses[rank].rsplit(":", 1)
     peers = {r: e for r, e in enumerate(endpoints) if r != rank}
+    bounds = inbound_bounds(
+        cfg.gossip, node.spec, node.learner.online_flat.numel(), node.replay.capacity
+    )
     transport = Transport(
         rank, f"tcp://{bind_host or host}:{port}", peers, cfg.gossip, cfg.security, cfg.faults,
-        seed=node.cfg.seed,
+        seed=node.cfg.seed, max_frame_bytes=bounds.frame_bytes, max_parts=MESSAGE_PARTS,
     )  # fmt: skip
     try:
         transport.start()

@@ -11,7 +11,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from gossipdqn.config import GossipConfig
 from gossipdqn.dqn.learner import Learner
 from gossipdqn.dqn.replay import ReplayBuffer
 from gossipdqn.gossip.checks import (
+    EXPERIENCE_FIELDS,
     MAX_SHARED_TRANSITIONS,
     ObsBounds,
     Rejected,
@@ -42,7 +43,7 @@ from gossipdqn.gossip.peers import (
 from gossipdqn.gossip.snapshots import SnapshotPool
 from gossipdqn.gossip.topology import out_peers
 from gossipdqn.net.transport import Inbound, Transport, TransportStats
-from gossipdqn.net.wire import Kind, Message, WireError, decode, encode, limits_for
+from gossipdqn.net.wire import Kind, Message, WireError, WireLimits, decode, encode, limits_for
 from gossipdqn.types import EnvSpec, Transitions
 
 
@@ -94,12 +95,12 @@ class Gossip:
 
     def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
         self.learner, self.replay = learner, replay
-        self.max_transitions = min(MAX_SHARED_TRANSITIONS, replay.capacity)
         self.n_params = learner.online_flat.numel()
+        bounds = inbound_bounds(self.cfg, self.spec, self.n_params, replay.capacity)
+        self.max_transitions = bounds.transitions
         self.snapshots = SnapshotPool(learner.online_flat)
-        largest = max(4 * self.n_params, experience_bytes(self.spec, self.max_transitions))
         self.limits = replace(
-            self.limits, max_total_bytes=min(self.limits.max_total_bytes, largest + 1024)
+            self.limits, max_total_bytes=min(self.limits.max_total_bytes, bounds.tensor_bytes)
         )
         self._hello(force=True)
 
@@ -292,6 +293,8 @@ class Gossip:
         }
         if self.mixer.rejected:
             out["dropped_robust_reject"] = self.mixer.rejected
+        if self.transport.insecure:
+            out["insecure"] = True
         if self.learner is not None:  # every in-peer sends within about two periods of rounds
             since = self.round - 2 * math.ceil(math.log2(max(2, self.world))) - 2
             out |= consensus(self.learner.online_flat, self.peers, self.alive(), since)
@@ -319,6 +322,28 @@ def traffic_metrics(stats: TransportStats, counts: Counts, elapsed_s: float) -> 
     for reason, n in (Counter(stats.dropped) + counts.dropped).items():
         out[f"dropped_{reason}"] = n
     return out
+
+
+MESSAGE_PARTS = 1 + len(EXPERIENCE_FIELDS)
+"""The most frames an honest message has: its header and the five experience fields."""
+
+
+class InboundBounds(NamedTuple):
+    """The most an honest peer of this run sends: transitions in a share, bytes in one frame
+    (plus a margin; the transport's ZMQ_MAXMSGSIZE) and in one message's tensors."""
+
+    transitions: int
+    frame_bytes: int
+    tensor_bytes: int
+
+
+def inbound_bounds(cfg: GossipConfig, spec: EnvSpec, n_params: int, capacity: int) -> InboundBounds:
+    """What this node accepts, from its own model size, env spec and `share_batch`."""
+    n = min(MAX_SHARED_TRANSITIONS, capacity, cfg.share_batch)
+    obs_frame = n * int(np.prod(spec.obs_shape)) * np.dtype(spec.obs_dtype).itemsize
+    largest = max(4 * n_params, obs_frame, 8 * n, WireLimits().max_header_bytes)
+    frame_bytes = min(largest + 4096, int(cfg.max_message_mb * 1024 * 1024))
+    return InboundBounds(n, frame_bytes, max(4 * n_params, experience_bytes(spec, n)) + 1024)
 
 
 def shareable(replay: ReplayBuffer, pending: list[Transitions], n: int) -> Transitions:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 0.5  # the I/O thread re-checks its queues at least this often
 _RECV_BATCH = 256  # inbound messages taken per wake-up before serving the send side
-_MAX_FRAMES = 256  # inbound messages with more frames are dropped ("malformed")
+MAX_PARTS = 65
+"""Default bound on the parts of an inbound message (the codec's header plus 64 tensors)."""
 _BLOCKED = None  # _pump_peer: the DEALER would block; wait for POLLOUT
 
 
@@ -58,8 +59,11 @@ class IOLoop:
         inbox: Inbox,
         liveness: Liveness,
         rank_of: Callable[[Inbound], int | None],
+        max_parts: int = MAX_PARTS,
     ) -> None:
         self.rank, self.outbox, self.liveness = rank, outbox, liveness
+        self.max_parts = max_parts
+        """Messages of more parts are discarded part by part as read ("malformed")."""
         self.arrived = threading.Event()  # set while the inbox holds a message
         self._inbox, self._rank_of, self._curve = inbox, rank_of, False
         self._lock = threading.Lock()  # guards the inbox and the counters
@@ -150,13 +154,13 @@ class IOLoop:
     def _pump_inbound(self, router: zmq.Socket) -> None:
         for _ in range(_RECV_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_bounded(router, 1 + self.max_parts)
             except zmq.Again:
                 return
             self._accept(frames)
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
-        if not 2 <= len(frames) <= _MAX_FRAMES:
+        if len(frames) < 2:  # no parts after the routing id, or too many (see recv_bounded)
             with self._lock:
                 self._dropped_in["malformed"] += 1
             return
@@ -176,3 +180,17 @@ class IOLoop:
             self._counts["messages_received"] += 1
             self._counts["bytes_received"] += sum(len(f) for f in inbound.frames)
             self.arrived.set()
+
+
+def recv_bounded(sock: zmq.Socket, limit: int) -> list[zmq.Frame]:
+    """One whole message read part by part; [] (every part let go as read) past `limit` parts."""
+    frame = sock.recv(zmq.NOBLOCK, copy=False)
+    frames, count = [frame], 1
+    while frame.more:
+        frame = sock.recv(copy=False)  # the rest of a message is already here: never waits
+        count += 1
+        if count <= limit:
+            frames.append(frame)
+        else:
+            frames.clear()
+    return frames

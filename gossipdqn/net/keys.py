@@ -23,6 +23,12 @@ AUTHORIZED = "authorized"
 
 _NAME = re.compile(r"^node-(\d+)\.key$")
 
+INSECURE_WARNING = (
+    "INSECURE: security.insecure is set and there are no CURVE keys; gossip on the network is "
+    "unauthenticated and unencrypted"
+)
+"""Logged at start and shown in every progress line of a node that runs so."""
+
 
 class SecurityError(ValueError):
     """Keys are missing, malformed or exposed, or the settings refuse to run without them."""
@@ -155,16 +161,12 @@ def curve_keys_for(
         return load_curve_keys(security.keys_dir, rank, peers)
     if is_loopback(bind_address):
         return None
-    if security.require_keys:
+    if not security.insecure:
         raise SecurityError(
-            f"node {rank}: refusing to bind {bind_address} without CURVE keys "
-            "(security.require_keys is set); run `gossipdqn keys generate DIR --nodes N` "
-            "and set security.keys_dir=DIR"
+            f"node {rank}: refusing to bind {bind_address} without CURVE keys; run "
+            "`gossipdqn keys generate DIR --nodes N` and set security.keys_dir=DIR (`gossipdqn "
+            "launch` does this for you), or set security.insecure=true to accept an "
+            "unauthenticated, unencrypted run"
         )
-    log.warning(
-        "node %d binds %s without CURVE keys: traffic is unauthenticated and unencrypted; "
-        "set security.keys_dir to secure it",
-        rank,
-        bind_address,
-    )
+    log.warning(INSECURE_WARNING + " (node %d binds %s)", rank, bind_address)
     return None

@@ -34,6 +34,8 @@ class SocketPlan:
     curve: CurveKeys | None
     identity_prefix: str
     wake_address: str
+    max_frame_bytes: int
+    """ZMQ_MAXMSGSIZE: libzmq drops a connection at a larger frame's length, before buffering it."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,22 @@ def _set_common(sock: zmq.Socket, gossip: GossipConfig) -> None:
     sock.setsockopt(zmq.HANDSHAKE_IVL, ms(gossip.peer_timeout_s))
 
 
-def start_authenticator(context: zmq.Context, keys: CurveKeys) -> ThreadAuthenticator:
+class Authenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler thread, counting the handshakes it refuses in `denied`."""
+
+    denied = 0
+
+    def _send_zap_reply(
+        self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous"
+    ) -> None:
+        if status_code != b"200":
+            self.denied += 1
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def start_authenticator(context: zmq.Context, keys: CurveKeys) -> Authenticator:
     """The ZAP handler that admits only the keys in `keys.authorized_dir`."""
-    auth = ThreadAuthenticator(context)
+    auth = Authenticator(context)
     try:
         auth.start()
         auth.configure_curve(domain=CURVE_DOMAIN, location=str(keys.authorized_dir))
@@ -115,7 +130,7 @@ def open_sockets(ctx: zmq.Context, plan: SocketPlan) -> Sockets:
 def _configure_router(router: zmq.Socket, plan: SocketPlan) -> None:
     _set_common(router, plan.gossip)
     router.rcvhwm = max(16, 4 * plan.gossip.queue_messages)
-    router.setsockopt(zmq.MAXMSGSIZE, int(plan.gossip.max_message_mb * 1024 * 1024))
+    router.setsockopt(zmq.MAXMSGSIZE, plan.max_frame_bytes)
     if plan.curve is not None:
         router.curve_server = True
         router.curve_publickey = plan.curve.node.public

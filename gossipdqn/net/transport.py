@@ -14,16 +14,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
 from gossipdqn.net.faults import FaultInjector
-from gossipdqn.net.ioloop import Inbound, IOLoop, TransportStats
-from gossipdqn.net.keys import CurveKeys, curve_keys_for
+from gossipdqn.net.ioloop import MAX_PARTS, Inbound, IOLoop, TransportStats
+from gossipdqn.net.keys import CurveKeys, curve_keys_for, is_loopback
 from gossipdqn.net.liveness import Liveness
 from gossipdqn.net.queues import Inbox, Outbox
 from gossipdqn.net.sockets import (
     CURVE_DOMAIN,
+    Authenticator,
     SocketPlan,
     TransportError,
     claimed_rank,
@@ -52,16 +52,23 @@ class Transport:
         identity_prefix: str = "",
         seed: int = 0,
         inbound_limit: int = 0,
+        max_frame_bytes: int = 0,
+        max_parts: int = MAX_PARTS,
     ) -> None:
+        """`max_frame_bytes` (default `gossip.max_message_mb`) bounds each inbound frame and
+        `max_parts` the frames of one inbound message; see docs/security.md for the totals."""
         if rank in peer_addresses:
             raise ValueError(f"peer_addresses: node {rank} lists itself as a peer")
         self.rank, self.bind_address = rank, bind_address
         self.peer_addresses = dict(peer_addresses)
         self.bound_address = ""
+        self.insecure = False
+        """Bound off loopback without CURVE (only under security.insecure); shown in progress."""
         self.peer_ranks: dict[bytes, int] = {}
         self._gossip, self._security = gossip, security
         self._context, self._own_context = context, context is None
         self._identity_prefix = identity_prefix
+        self.max_frame_bytes = max_frame_bytes or int(gossip.max_message_mb * 1024 * 1024)
         self._started_at = time.monotonic()
         self._outbox = Outbox(
             self.peer_addresses,
@@ -72,7 +79,9 @@ class Transport:
         )
         self._inbox = Inbox(inbound_limit or gossip.queue_messages * max(1, len(peer_addresses)))
         self._liveness = Liveness(self.peer_addresses)
-        self._loop = IOLoop(rank, self._outbox, self._inbox, self._liveness, self.rank_of)
+        self._loop = IOLoop(
+            rank, self._outbox, self._inbox, self._liveness, self.rank_of, max_parts
+        )
         self._ready, self._stop = threading.Event(), threading.Event()
         self._wake_address = f"inproc://gossipdqn-wake-{uuid.uuid4().hex}"
         self._wake_lock = threading.Lock()
@@ -80,7 +89,7 @@ class Transport:
         self._thread: threading.Thread | None = None
         self._setup_error: BaseException | None = None
         self._curve: CurveKeys | None = None
-        self._auth: ThreadAuthenticator | None = None
+        self._auth: Authenticator | None = None
 
     def __enter__(self) -> Transport:
         self.start()
@@ -97,6 +106,7 @@ class Transport:
             self._security, self.rank, self.bind_address, self.peer_addresses
         )
         self.peer_ranks = dict(self._curve.ranks) if self._curve else {}
+        self.insecure = self._curve is None and not is_loopback(self.bind_address)
         self._context = self._context or zmq.Context()
         try:
             if self._curve is not None:
@@ -187,8 +197,11 @@ class Transport:
         return claimed_rank(message.peer_identity, message.user_id, ranks, self._identity_prefix)
 
     def stats(self) -> TransportStats:
-        """Counters so far."""
-        return self._loop.stats()
+        """Counters so far; `dropped["zap_denied"]`: handshakes the authenticator refused."""
+        stats = self._loop.stats()
+        if self._auth is not None and self._auth.denied:
+            stats.dropped["zap_denied"] = self._auth.denied
+        return stats
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -201,7 +214,7 @@ class Transport:
         assert self._context is not None
         plan = SocketPlan(
             self.rank, self.bind_address, self.peer_addresses, self._gossip, self._curve,
-            self._identity_prefix, self._wake_address,
+            self._identity_prefix, self._wake_address, self.max_frame_bytes,
         )  # fmt: skip
         try:
             sockets = open_sockets(self._context, plan)

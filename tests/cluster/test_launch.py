@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import zmq
+import zmq.auth
+from helpers.handshake import HANDSHAKE_FAILED, dial, handshake_outcome
 from helpers.sshd_fixture import SshServer, sshd  # noqa: F401  (the fixture)
 from helpers.waiting import wait_for
 
@@ -30,6 +34,7 @@ from gossipdqn.cluster.ssh import (
     stop_nodes,
 )
 from gossipdqn.cluster.supervisor import PIDFILE
+from gossipdqn.net.keys import generate_keys
 from gossipdqn.node.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,9 +42,11 @@ LAUNCHER = [
     sys.executable, "-c",
     "import argparse, sys\n"
     "from gossipdqn.cluster.ssh import add_launch_arguments, run_launch\n"
+    "from gossipdqn.net.keys import generate_keys\n"
     "parser = argparse.ArgumentParser()\nadd_launch_arguments(parser)\n"
-    "sys.exit(run_launch(parser.parse_args()))",
+    "sys.exit(run_launch(parser.parse_args(), make_keys=generate_keys))",
 ]  # fmt: skip
+"""`gossipdqn launch` as the CLI runs it (fresh CURVE keys), without importing torch."""
 HOSTS = "# two loopback hosts\n127.0.0.1 slots=2\n127.0.0.2 slots=1 port=47500\n"
 FAKE_NODE = """#!/bin/sh
 # Stands in for python: runs the real one, but fakes `-m gossipdqn node`.
@@ -184,6 +191,50 @@ def test_dry_run_prints_exact_commands(capsys: pytest.CaptureFixture[str]) -> No
     assert len(lines) == 3
 
 
+def test_dry_run_hands_out_fresh_keys_unless_given(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--hosts", "a:2,b", "--run-dir", "runs/x", "--remote-dir", "/w", "--dry-run"]
+    assert run_launch(parse(argv), make_keys=generate_keys) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    for rank in range(3):
+        remote = shlex.split(shlex.split(lines[rank])[-1])
+        assert remote[-1] == f'--set=security.keys_dir="runs/x/keys/node-{rank}"'
+    for line, (target, mine) in zip(lines[3:], [("a", "node-0 node-1"), ("b", "node-2")]):
+        command, comment = line.split("  # ")
+        assert comment == f"stdin: keys of {target}" and shlex.split(command)[-2] == target
+        assert shlex.split(command)[-1] == (
+            "cd /w && umask 077 && mkdir -p runs/x/keys && cd runs/x/keys && "
+            f"rm -rf {mine} && tar -xof -"
+        )
+    assert run_launch(parse([*argv, "--set", "security.keys_dir=k"]), make_keys=generate_keys) == 0
+    given = capsys.readouterr().out.splitlines()
+    assert len(given) == 3 and all("runs/x/keys" not in line for line in given)
+
+
+def secrets_of(keys_dir: Path) -> list[str]:
+    """The z85 secret keys in every `node-<r>.key_secret` under `keys_dir`."""
+    found = [zmq.auth.load_certificate(f)[1] for f in sorted(keys_dir.rglob("*.key_secret"))]
+    return [key.decode() for key in found if key]
+
+
+def assert_keys_private(tmp: Path, ranks: int = 3) -> None:
+    """Each node's folder holds its own secret key (0600) and every public key, nothing else;
+    no secret is on any command line on this machine or in the launcher's output."""
+    keys = tmp / "run" / "keys"
+    for rank in range(ranks):
+        mine = keys / f"node-{rank}"
+        assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+        assert [p.name for p in mine.glob("*.key_secret")] == [f"node-{rank}.key_secret"]
+        assert stat.S_IMODE((mine / f"node-{rank}.key_secret").stat().st_mode) == 0o600
+        assert sorted(p.name for p in (mine / "authorized").iterdir()) == [
+            f"node-{r}.key" for r in range(ranks)
+        ]
+    secrets = secrets_of(keys)
+    assert len(set(secrets)) == ranks
+    lines = [cmd for _, _, _, cmd in processes()] + [(tmp / "launch.log").read_text()]
+    assert not [s for s in secrets if any(s in line for line in lines)]
+
+
 def test_dry_run_device_iface_include(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("a device=cuda:1 iface=ib0\nb slots=2\nc\n")
@@ -279,6 +330,7 @@ def test_sigint_stops_every_node_everywhere(workdir: Path, sshd: SshServer) -> N
     wait_for(lambda: all(f"[rank {r}] fake node {r} up" in log.read_text() for r in range(3)),
              20, "every node's first line")  # fmt: skip
     assert len(set(groups.values())) == 3 and live_processes(workdir, set(groups.values()))
+    assert_keys_private(workdir)
     proc.send_signal(signal.SIGINT)
     assert finish(proc) == 0
     assert_nothing_left(workdir, groups)
@@ -381,11 +433,33 @@ def test_e2e_cartpole_over_ssh_then_sigint(workdir: Path, sshd: SshServer) -> No
     wait_for(lambda: all(gossip_received(m) for m in metrics) or proc.poll() is not None, 120,
              "every node to receive gossip")  # fmt: skip
     assert proc.poll() is None, (workdir / "launch.log").read_text()[-3000:]
+    assert_only_the_run_gets_in(workdir)
     proc.send_signal(signal.SIGINT)
     assert finish(proc, timeout=60) == 0, (workdir / "launch.log").read_text()[-3000:]
     for rank in range(3):
         assert (workdir / "run" / f"node-{rank}" / "summary.json").exists()
     assert_nothing_left(workdir, groups)
+
+
+def assert_only_the_run_gets_in(tmp: Path) -> None:
+    """Node 0 of a launch given no keys speaks CURVE: a client with node 1's key is let in,
+    a plain client and one whose key is not in the run's set are refused at the handshake."""
+    keys = tmp / "run" / "keys" / "node-1"
+    server = zmq.auth.load_certificate(keys / "authorized" / "node-0.key")[0]
+    member = zmq.auth.load_certificate(keys / "node-1.key_secret")
+    generate_keys(tmp / "stranger", 1)
+    stranger = zmq.auth.load_certificate(tmp / "stranger" / "node-0.key_secret")
+    context = zmq.Context()
+    try:
+        outcomes = []
+        for keys_used in [(server, *member), None, (server, *stranger)]:
+            sock, monitor = dial(context, "tcp://127.0.0.1:47000", keys_used)
+            outcomes.append(handshake_outcome(monitor, timeout_s=20))
+        assert outcomes[0] == zmq.EVENT_HANDSHAKE_SUCCEEDED, outcomes
+        assert outcomes[1] & HANDSHAKE_FAILED or outcomes[1] == zmq.EVENT_DISCONNECTED, outcomes
+        assert outcomes[2] == zmq.EVENT_HANDSHAKE_FAILED_AUTH, outcomes
+    finally:
+        context.destroy(linger=0)
 
 
 def test_e2e_killed_node_stops_the_run(workdir: Path, sshd: SshServer) -> None:  # noqa: F811

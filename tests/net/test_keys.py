@@ -108,8 +108,10 @@ def test_curve_keys_for_follows_the_settings(
     assert curve_keys_for(SecurityConfig(), 0, "tcp://127.0.0.1:5000", [1]) is None
     keys = curve_keys_for(SecurityConfig(keys_dir=str(key_dir)), 0, "tcp://0.0.0.0:1", [1, 2])
     assert keys is not None and set(keys.server_keys) == {1, 2}
-    with pytest.raises(SecurityError, match="refusing to bind tcp://0.0.0.0:5000"):
-        curve_keys_for(SecurityConfig(require_keys=True), 0, "tcp://0.0.0.0:5000", [1])
+    with pytest.raises(SecurityError, match="refusing to bind tcp://0.0.0.0:5000.*insecure=true"):
+        curve_keys_for(SecurityConfig(), 0, "tcp://0.0.0.0:5000", [1])
+    assert "INSECURE" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="gossipdqn.net.keys"):
-        assert curve_keys_for(SecurityConfig(), 0, "tcp://0.0.0.0:5000", [1]) is None
-    assert "unauthenticated" in caplog.text
+        insecure = SecurityConfig(insecure=True)
+        assert curve_keys_for(insecure, 0, "tcp://0.0.0.0:5000", [1]) is None
+    assert "INSECURE" in caplog.text and "unauthenticated" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import socket
 import stat
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import zmq
 from helpers.gossip_fixture import (
+    FAST,
     FakePeer,
     addresses,
     build,
@@ -28,10 +30,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gossipdqn.cli import main
+from gossipdqn.config import load_config
 from gossipdqn.dqn.networks import fingerprint
-from gossipdqn.net.keys import load_node_keys
+from gossipdqn.gossip.nodes import gossip_node
+from gossipdqn.net.keys import INSECURE_WARNING, load_node_keys
 from gossipdqn.net.wire import Kind
-from gossipdqn.node.node import Node
+from gossipdqn.node.metrics import format_progress
+from gossipdqn.node.node import PROGRESS_EXCHANGE_KEYS, Node
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,8 +68,48 @@ def test_missing_keys_refuse_to_start_with_a_clear_error(
     assert "gossipdqn keys generate" in capsys.readouterr().err
 
 
+def test_non_loopback_bind_without_keys_refuses_naming_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    peers = ",".join(addresses(2))
+    code = main(["node", "--rank", "0", "--peers", peers, "--bind", "0.0.0.0", "--run-dir",
+                 str(tmp_path / "run"), "--set", "train.total_steps=200", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "refusing to bind tcp://0.0.0.0" in err and "gossipdqn keys generate" in err
+    assert "security.insecure=true" in err
+
+
+def test_insecure_node_warns_at_start_and_in_every_progress_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    peers = addresses(2)
+    cfg = load_config(None, [*FAST, "security.insecure=true"])
+    with caplog.at_level(logging.WARNING, logger="gossipdqn.net.keys"):
+        loopback = gossip_node(cfg, tmp_path / "a", rank=0, addresses=peers, quiet=True)
+        assert INSECURE_WARNING not in caplog.text
+        node = gossip_node(
+            cfg, tmp_path / "b", rank=1, addresses=peers, bind_host="0.0.0.0", quiet=True
+        )
+    try:
+        assert INSECURE_WARNING in caplog.text
+        lines = [
+            format_progress(f"[node {n.exchange.rank}]", {"step": 0} | {
+                k: n.exchange.metrics().get(k) for k in PROGRESS_EXCHANGE_KEYS
+            }) for n in (loopback, node)
+        ]  # fmt: skip
+        assert "INSECURE" not in lines[0] and "INSECURE: unauthenticated" in lines[1]
+    finally:
+        close_all([loopback, node])
+
+
 def attack(
-    peers: list[str], keys_dir: Path, strangers_dir: Path, context: zmq.Context, fakes: list
+    peers: list[str],
+    keys_dir: Path,
+    strangers_dir: Path,
+    context: zmq.Context,
+    fakes: list,
+    n_params: int,
 ) -> int:
     """A stranger key, a plain client and raw bytes at node 1, each with messages that would be
     accepted were they let in; then a client with rank 2's key claiming to be node 0 (dropped).
@@ -82,7 +127,7 @@ def attack(
     for _ in range(3):
         with socket.create_connection((host, int(port)), timeout=2.0) as raw:
             raw.sendall(os.urandom(4096))
-    params = np.zeros(1_000, np.float32)
+    params = np.zeros(n_params, np.float32)  # our model's size: only the sender is wrong
     for fake in (stranger, plain, liar):
         for _ in range(5):
             frames = fake.message(Kind.PARAMS, {"params": params}, round=1, w=0.5)
@@ -104,7 +149,7 @@ def test_curve_nodes_exchange_and_let_nothing_else_in(tmp_path: Path, context: z
             n.exchange.counts.received[k] > 0 for n in nodes for k in ("params", "experience")
         )
         assert step_until(nodes, both, timeout_s=30), "CURVE peers did not exchange"
-        lied = attack(peers, keys_dir, strangers_dir, context, fakes)
+        lied = attack(peers, keys_dir, strangers_dir, context, fakes, params_of(b).numel())
         honest_before = b.exchange.peers[0].accepted
         more = lambda: b.exchange.peers[0].accepted > honest_before + 10  # noqa: E731
         assert step_until(nodes, more, timeout_s=30), "the honest peer stopped arriving"
@@ -119,6 +164,51 @@ def test_curve_nodes_exchange_and_let_nothing_else_in(tmp_path: Path, context: z
     finally:
         for fake in fakes:
             fake.close()
+        close_all(nodes)
+
+
+def peak_rss_mib(reset: bool = False) -> float:
+    """This process's peak resident set size in MiB since the last reset."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")  # starts VmHWM again from VmRSS
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def test_more_and_larger_frames_than_honest_peers_send_are_held_to_the_bounds(
+    tmp_path: Path, context: zmq.Context
+) -> None:
+    peers = addresses(3)  # 0: the node under attack, 1: an honest peer, 2: the stranger
+    nodes = build(tmp_path, peers, [0, 1], [])
+    target = nodes[0]
+    stranger = FakePeer(2, run_id_of(peers), context)
+    stranger.connect(peers[0])
+    mixed = lambda: target.exchange.mixer.rate.total  # noqa: E731
+    heard = lambda n: lambda: target.exchange.peers[2].accepted == n  # noqa: E731
+    try:
+        assert step_until(nodes, lambda: mixed() > 3, timeout_s=30)
+        stranger.send(peers[0], stranger.hello(target))
+        assert step_until(nodes, heard(1), timeout_s=10)
+        bound = target.exchange.transport.max_frame_bytes
+        assert bound < 1 << 20  # a small CartPole net: far below the old 64 MiB
+        large = np.ones(8 << 20, np.uint8)  # 8 MiB frames: larger than any honest frame
+        within = np.ones(bound - 64, np.uint8)  # frames within the bound, 100 to a message
+        header = stranger.message(Kind.PARAMS, {"params": np.zeros(1, np.float32)})[0]
+        mixed_before, rss_before = mixed(), peak_rss_mib(reset=True)
+        for _ in range(3):
+            stranger.send(peers[0], [header, *[large] * 40])
+        for _ in range(3):
+            stranger.send(peers[0], [header, *[within] * 100])
+        stranger.send(peers[0], stranger.hello(target))  # sent after them, so arrives after
+        assert step_until(nodes, heard(2), timeout_s=30), "the stranger's last hello never came"
+        assert target.exchange.transport.stats().dropped.get("malformed") == 3
+        grown = peak_rss_mib() - rss_before
+        assert grown < 64, grown
+        assert step_until(nodes, lambda: mixed() > mixed_before + 3, timeout_s=30)
+    finally:
+        stranger.close()
         close_all(nodes)
 
 
