@@ -160,10 +160,6 @@ def run_worker(
             link.transport.close()
         return 0
     first = 1 if role == "ps-worker" else 0  # the server is rank 0 of a ps run's peers
-    if role == "allreduce":  # a threshold stop would be one worker's; lockstep needs all
-        cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, stop_at_threshold=False)
-        )
     node = node_of_rank(
         cfg, run_dir, rank - first, len(peers) - first, quiet=quiet, label=f"[{role} {rank}]"
     )

@@ -100,3 +100,20 @@ def test_scale_actors_multiplies_actors_and_every_step_budget():
     assert scaled.eval.every_steps == 3 * cfg.eval.every_steps
     assert scaled.learner.updates_per_step == cfg.learner.updates_per_step
     assert run.scale_actors(cfg, 1) == cfg
+
+
+@pytest.mark.parametrize("mode", ["ps", "allreduce"])  # gossip and single: tests/test_scaling.py
+def test_every_mode_stops_at_the_threshold_with_its_cpu_seconds(tmp_path, small, mode):
+    # CartPole returns are >= 8: a threshold of 1 is met at every evaluation (every 400 steps)
+    sets = ["eval.every_steps=400", "eval.threshold=1", "train.stop_at_threshold=true"]
+    passthrough = [*small, *(a for s in sets for a in ("--set", s))]
+    if mode == "ps":
+        commands, workers = run.ps_commands(2, tmp_path, passthrough, pull_every=10), slice(1, None)
+    else:
+        commands, workers = run.allreduce_commands(2, tmp_path, passthrough), slice(None)
+    codes, _ = run_bounded(commands, workers)
+    assert codes[workers] == [0, 0]
+    for rank in range(2):
+        node = summary(tmp_path / f"node-{rank}")
+        assert node["steps_to_threshold"] == node["env_steps"] < 1600, (rank, node)
+        assert 0 < node["cpu_seconds_to_threshold"] <= node["cpu_s"]

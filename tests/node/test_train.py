@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -71,6 +72,29 @@ def test_threshold_is_recorded_and_stops_the_run(tmp_path, tiny_overrides, conse
     assert summary["steps_to_threshold"] == summary["env_steps"]
     assert 400 * consecutive <= summary["env_steps"] < 400 * consecutive + 4
     assert 0 < summary["seconds_to_threshold"] <= summary["wall_s"]
+    assert 0 < summary["cpu_seconds_to_threshold"] <= summary["cpu_s"]
+
+
+def test_cpu_seconds_count_training_and_not_evaluations(tmp_path, tiny_overrides):
+    node = make_node(tmp_path, tiny_overrides)
+    evaluate, burned = node.evaluate, []
+
+    def costly_evaluate(episodes):
+        began = time.process_time()
+        while time.process_time() - began < 0.3:
+            pass
+        burned.append(time.process_time() - began)
+        return evaluate(episodes)
+
+    node.evaluate = costly_evaluate
+    began = time.process_time()
+    try:
+        summary = node.run()
+    finally:
+        node.close()
+    total = time.process_time() - began
+    assert len(burned) == 4  # three periodic evaluations and the final one
+    assert 0.2 * total < summary["cpu_s"] <= total - sum(burned)
 
 
 def test_threshold_needs_consecutive_evaluations(tmp_path, tiny_overrides):

@@ -1,0 +1,38 @@
+"""The scaling study end to end at a tiny budget: runs, resumes, writes its table and plot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "scaling.py"
+LIMIT_S = 240
+
+
+def test_scaling_study_runs_resumes_and_writes_table_and_plot(tmp_path, tiny_overrides):
+    # CartPole returns are >= 8: a threshold of 1 is met at every evaluation (every 400 steps)
+    sets = [*tiny_overrides, "eval.threshold=1", "train.total_steps=1600"]
+    command = [sys.executable, str(SCRIPT), "--nodes", "1", "2", "--seeds", "1",
+               "--modes", "gossip", "--out", str(tmp_path),
+               *(a for s in sets for a in ("--set", s))]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT_S)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["gossip-n2-s0", "one-n1-s0"]
+    study = json.loads((tmp_path / "scaling.json").read_text())
+    rows = {(r["mode"], r["nodes"]): r for r in study["rows"]}
+    assert set(rows) == {("one", 1), ("gossip", 2)}
+    for row in rows.values():
+        assert row["reached"] == 1
+        assert row["cpu_seconds_to_threshold"]["iqm_ci"][0] > 0
+        assert 800 <= row["steps_to_threshold"]["iqm_ci"][0] < 804  # two evaluations, 400 apart
+    assert rows[("one", 1)]["cpu_seconds_to_threshold"]["speedup"] == 1.0
+    assert rows[("gossip", 2)]["sent_bytes_per_node_per_s"] > 0
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    table = (tmp_path / "scaling.md").read_text()
+    assert "| gossip | 2 | 1/1 | 80" in table
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT_S)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[scaling]" not in again.stdout  # every run had its summary: none ran again
+    assert (tmp_path / "scaling.md").read_text() == table
