@@ -101,9 +101,9 @@ def start(tmp_path, n, sets):
 
 
 def test_three_processes_with_lr_zero_converge_to_initial_mean(tmp_path):
-    sets = ["learner.lr=0", "gossip.interval=4", "gossip.experience=false",
-            "train.total_steps=6000", "learner.learning_starts=100", "learner.batch_size=32",
-            "learner.updates_per_step=1", "network.hidden=[16,16]", "eval.every_steps=0",
+    sets = ["learner.lr=0", "gossip.interval=1", "gossip.experience=false",
+            "train.total_steps=2500", "learner.learning_starts=100", "learner.batch_size=32",
+            "learner.updates_per_step=0.25", "network.hidden=[16,16]", "eval.every_steps=0",
             "gossip.topology=ring", "train.progress_every_s=0.5"]  # fmt: skip
     cmds, procs = start(tmp_path, 3, sets + ["--quiet"][:0])
     try:

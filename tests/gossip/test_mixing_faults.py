@@ -176,8 +176,7 @@ def agreed(record: dict[str, Any] | None, mixed_before: int = 0) -> bool:
 
 VARIANTS = {
     "reliable": ([], None),
-    "drop_30pc": (["faults.drop_prob=0.3"], None),
-    "one_not_mixing": ([], 1),
+    "drop_30pc_one_not_mixing": (["faults.drop_prob=0.3"], 1),
 }
 """Extra settings of every node, and the rank that runs with gossip.params=false (if any)."""
 

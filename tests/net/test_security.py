@@ -333,7 +333,7 @@ def test_fuzzed_peer_is_never_processed(tmp_path: Path, context: zmq.Context) ->
         assert step_until(nodes, seen, timeout_s=10)
         honest_before, rss_before = target.exchange.peers[1].accepted, rss_mib()
 
-        @settings(max_examples=200, deadline=None, database=None, derandomize=True,
+        @settings(max_examples=100, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(st.lists(fuzzed(valid, wrong_run, hostile), min_size=50, max_size=70))
         def attack_once(batch: list[list[bytes]]) -> None:
@@ -347,7 +347,7 @@ def test_fuzzed_peer_is_never_processed(tmp_path: Path, context: zmq.Context) ->
             assert target.exchange.peers[2].accepted == sentinels[0], "a fuzzed message got in"
 
         attack_once()
-        assert sent[0] >= 10_000
+        assert sent[0] >= 5_000
         stats = target.exchange.transport.stats()
         assert stats.errors == 0 and "inbound_full" not in stats.dropped  # all were judged
         assert target.exchange.peers[1].accepted > honest_before + 20, "the honest peer stalled"
