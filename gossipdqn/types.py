@@ -36,7 +36,7 @@ class SampledBatch(NamedTuple):
     """A minibatch from replay, with importance weights and the slots it came from.
 
     `sampled_at` is the replay's write count when sampled: `update_priorities` leaves alone the
-    slots written since. `indices` stays last (`Learner.to_device` keeps it on the host).
+    slots written since. Both stay last (`Learner.to_device` keeps them on the host).
     """
 
     obs: np.ndarray

@@ -89,9 +89,10 @@ class Learner:
         self.stats = torch.zeros(2, device=self.device)
 
     def to_device(self, batch: SampledBatch) -> SampledBatch:
-        """The batch as tensors on the learner's device (via pinned memory); indices stay here."""
-        *arrays, indices = batch
-        return SampledBatch(*(_to_device(a, self.device) for a in arrays), indices)
+        """The batch as tensors on the learner's device (via pinned memory); `sampled_at` and
+        `indices` stay here, for `update_priorities`."""
+        *arrays, sampled_at, indices = batch
+        return SampledBatch(*(_to_device(a, self.device) for a in arrays), sampled_at, indices)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bfloat16 autocast when `learner.bf16`, else nothing (not even a disabled autocast)."""

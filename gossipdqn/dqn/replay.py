@@ -192,17 +192,17 @@ class ReplayBuffer:
 
     @locked
     def update_priorities(
-        self, indices: np.ndarray, td_errors: np.ndarray, sampled_at: Any = None
+        self, indices: np.ndarray, td_errors: np.ndarray, sampled_at: int | None = None
     ) -> None:
         """Priorities (|TD error| + eps)^alpha for sampled slots that still hold what was sampled.
 
-        `sampled_at` is the batch's `SampledBatch.sampled_at` (a number or a 0-d tensor): slots
+        `sampled_at` is the batch's `SampledBatch.sampled_at`: slots
         written since keep their own priority. Without it, only live slots are updated. A no-op
         for uniform replay.
         """
         if self.tree is None:
             return
-        before = self.added if sampled_at is None else int(sampled_at)
+        before = self.added if sampled_at is None else sampled_at
         keep = self._holds(np.asarray(indices), before)
         if not keep.any():
             return
