@@ -68,7 +68,10 @@ def test_local_on_a_terminal_keeps_one_table_up_to_date(tmp_path: Path) -> None:
             "starting", "training"
         }, screens[-1]  # fmt: skip
         wait_for(lambda: "EXIT=" in screen(), 60, "the run to end")
-    finally:
+    finally:  # Ctrl-C first, as a person would: `local` then stops its nodes before tmux goes
+        if not any("EXIT=" in s for s in screens):
+            subprocess.run([*tmux, "send-keys", "C-c"], capture_output=True)
+            wait_for(lambda: "EXIT=" in screen(), 30, "the run to stop on Ctrl-C")
         subprocess.run([*tmux, "kill-server"], capture_output=True)
     final = screens[-1]
     assert "EXIT=0" in final, final

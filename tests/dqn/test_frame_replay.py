@@ -205,14 +205,23 @@ def test_a_write_waits_for_a_sample_in_progress():
         reference.add(transitions)
         frames.add_steps(0, step)
     before = {name: getattr(reference, name).copy() for name in ("obs", "next_obs")}
-    shared, added = peer_batch(rng, 40), threading.Event()
+    shared, added, held = peer_batch(rng, 40), threading.Event(), []
     writer = threading.Thread(target=lambda: (frames.add(shared), added.set()))
     rebuild = frames.stacks
+
+    def try_lock():
+        taken = frames.lock.acquire(blocking=False)
+        held.append(not taken)
+        if taken:
+            frames.lock.release()
 
     def stacks_while_a_peer_writes(ids):
         if not writer.is_alive() and not added.is_set():
             writer.start()
-            assert not added.wait(0.3), "the peer's write ran in the middle of a sample"
+            probe = threading.Thread(target=try_lock)
+            probe.start()
+            probe.join()  # another thread cannot take the lock the writer needs: it waits
+            assert held == [True], "a writer could run in the middle of a sample"
         return rebuild(ids)
 
     frames.stacks = stacks_while_a_peer_writes
