@@ -48,13 +48,19 @@ def commands(mode: str, n: int, run_dir: Path, passthrough: list[str], pull_ever
 
 
 def one_run(
-    mode: str, n: int, run_dir: Path, passthrough: list[str], args: argparse.Namespace, kill: bool
+    mode: str,
+    n: int,
+    run_dir: Path,
+    passthrough: list[str],
+    args: argparse.Namespace,
+    kill: bool,
+    limit_s: float = RUN_LIMIT_S,
 ) -> None:
-    """Run one configuration afresh to the end (or the limit); write its combined summary."""
+    """Run one configuration afresh to the end (or `limit_s`); write its combined summary."""
     shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt left
     procs, workers = commands(mode, n, run_dir, passthrough, args.pull_every)
     stop = threading.Event()
-    timer = threading.Timer(RUN_LIMIT_S, stop.set)
+    timer = threading.Timer(limit_s, stop.set)
     timer.start()
     fault = None
     if kill:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compare import one_run
+from compare import RUN_LIMIT_S, one_run
 
 from gossipdqn.cluster.procs import signals_to_event
 from gossipdqn.config import load_config
@@ -218,8 +218,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     """(mode, nodes, seed) of every run: N = 1 once per seed, then each mode at each N > 1."""
-    runs = [("one", 1, s) for s in range(args.seeds)] if 1 in args.nodes else []
-    runs += [(m, n, s) for n in args.nodes if n > 1 for m in args.modes for s in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [("one", 1, s) for s in seeds] if 1 in args.nodes else []
+    runs += [(m, n, s) for n in args.nodes if n > 1 for m in args.modes for s in seeds]
     return runs
 
 
@@ -228,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="TOML config (default: CartPole)")
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds FIRST..FIRST+SEEDS-1 (two studies on disjoint seeds in one OUT "
+        "run side by side; then --report-only --seeds ALL tabulates them)",
+    )
+    parser.add_argument(
+        "--limit-s",
+        type=float,
+        default=RUN_LIMIT_S,
+        help="wall-clock seconds after which a run is stopped",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=Path("experiments/results/scaling/cartpole"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             if not finished(run_dir):
                 try:
                     one_run(LAUNCHED_AS[mode], n, run_dir, [*common, "--seed", str(seed)], args,
-                            kill=False)  # fmt: skip
+                            kill=False, limit_s=args.limit_s)  # fmt: skip
                 except KeyboardInterrupt:
                     print(f"[scaling] stopped in {run_dir.name}; rerun to go on", file=sys.stderr)
                     return 130

@@ -112,6 +112,15 @@ class Learner:
         loss, errors = td_loss(q_taken, targets, batch.weights, self.cfg.loss)
         return loss, errors, q_taken.detach().mean()
 
+    def follow_lr_schedule(self, env_steps: int) -> float:
+        """Set and return the learning rate for this many env steps (the linear decay)."""
+        cfg = self.cfg
+        frac = min(1.0, env_steps / cfg.lr_decay_steps) if cfg.lr_decay_steps else 0.0
+        lr = cfg.lr + frac * (cfg.lr_end - cfg.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def step(self, batch: SampledBatch, *, td_errors: bool = True) -> UpdateResult:
         """One gradient step on a sampled batch; refreshes the target net on its schedule."""
         loss, errors, mean_q = self.loss_fn(self.to_device(batch))

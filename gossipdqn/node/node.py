@@ -208,6 +208,7 @@ class Node:
             else:
                 batch = self._sample()
         with self.timer.phase("update"):
+            self.learner.follow_lr_schedule(self.progress.env_steps)
             result = self.learner.step(batch, td_errors=self.replay.prioritized)
         self.replay.update_priorities(batch.indices, result.td_errors, batch.sampled_at)
         self.progress.updates += 1
@@ -269,6 +270,7 @@ class Node:
         record: dict[str, Any] = {"step": p.env_steps, "wall_s": p.train_s}
         record |= {"updates": p.updates, "episodes": p.episodes, "replay_size": len(self.replay)}
         record |= self.window.record() | {"epsilon": acting_epsilon(self.actors, self.pool)}
+        record["lr"] = self.learner.optimizer.param_groups[0]["lr"]
         record |= self.timer.split()
         if self.exchange is not None:
             record |= self.exchange.metrics()

@@ -1,5 +1,6 @@
-"""The learner's acting copy: one path on every device, refreshed on its schedule."""
+"""The learner: its acting copy (one path on every device, refreshed on schedule), its lr decay."""
 
+import pytest
 import torch
 
 from gossipdqn.config import load_config
@@ -7,10 +8,10 @@ from gossipdqn.dqn.evaluate import evaluate
 from gossipdqn.node.node import Node
 
 
-def tiny_node(run_dir):
+def tiny_node(run_dir, *overrides):
     cfg = load_config(None, [
         "env.num_envs=2", "network.hidden=[16]", "learner.learning_starts=32",
-        "learner.batch_size=16", "learner.updates_per_step=0.5", "eval.eps=0",
+        "learner.batch_size=16", "learner.updates_per_step=0.5", "eval.eps=0", *overrides,
     ])  # fmt: skip
     return Node(cfg, run_dir, quiet=True)
 
@@ -66,5 +67,34 @@ def test_evaluation_plays_the_current_online_net(tmp_path):
         )  # fmt: skip
         assert stale.returns != current.returns  # the stale copy plays differently
         assert node.evaluate(3).returns == current.returns
+    finally:
+        node.close()
+
+
+def test_learning_rate_decays_linearly_over_env_steps_then_holds(tmp_path):
+    node = tiny_node(tmp_path, "learner.lr=1e-3", "learner.lr_end=1e-4",
+                     "learner.lr_decay_steps=200")  # fmt: skip
+    try:
+        lrs = {}  # env steps -> lr, once updates run
+        while node.progress.env_steps < 300:
+            node.train_step()
+            if node.progress.updates:
+                lrs[node.progress.env_steps] = node.learner.optimizer.param_groups[0]["lr"]
+        decaying = [lrs[s] for s in sorted(lrs) if s <= 200]
+        assert decaying[0] < 1e-3  # updates started after 32 steps: already below lr
+        assert decaying == sorted(decaying, reverse=True) and len(set(decaying)) > 10
+        assert lrs[max(lrs)] == pytest.approx(1e-4)  # held at lr_end after lr_decay_steps
+        assert node._record()["lr"] == pytest.approx(1e-4)  # in the metrics
+        assert node.learner.follow_lr_schedule(100) == pytest.approx(5.5e-4)  # halfway
+    finally:
+        node.close()
+
+
+def test_learning_rate_stays_constant_without_a_decay(tmp_path):
+    node = tiny_node(tmp_path, "learner.lr=1e-3", "learner.lr_end=1e-4")
+    try:
+        while node.progress.updates < 20:
+            node.train_step()
+        assert node.learner.optimizer.param_groups[0]["lr"] == 1e-3
     finally:
         node.close()
