@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from gossipdqn.config import ActorConfig
-from gossipdqn.dqn.envs import LIFE_LOST
+from gossipdqn.dqn.envs import LIFE_LOST, first_env_seed
 from gossipdqn.types import EnvSpec, Transitions, VectorStep
 
 QFunction = Callable[[np.ndarray], np.ndarray]
@@ -116,7 +116,7 @@ class Actors:
         self.num_envs = env.num_envs
         self.rng = np.random.default_rng(seed)
         self.nstep = NStepAccumulator(self.num_envs, n_step, gamma, spec)
-        self.obs, _ = env.reset(seed=seed)
+        self.obs, _ = env.reset(seed=first_env_seed(seed))
         self.reset_pending = np.zeros(self.num_envs, dtype=bool)
         self.episode_return = np.zeros(self.num_envs)
         self.episode_length = np.zeros(self.num_envs, dtype=np.int64)

@@ -108,6 +108,14 @@ def import_env_modules(modules: Sequence[str]) -> None:
             ) from None
 
 
+def first_env_seed(seed: int) -> int:
+    """The seed of the first of a vector env's envs (the others follow it) for an actor set
+    seeded `seed`. Drawn through `SeedSequence`: actor sets seeded seed, seed + 1, ... (the nodes
+    of a run) then step envs of disjoint seeds, where seeding each at `seed` would give them all
+    but one env in common."""
+    return int(np.random.SeedSequence(seed).generate_state(1)[0] % 2**30)
+
+
 def make_vector_env(
     cfg: EnvConfig, num_envs: int | None = None, *, training: bool = True
 ) -> gym.vector.VectorEnv:

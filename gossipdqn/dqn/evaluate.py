@@ -6,7 +6,7 @@ import numpy as np
 
 from gossipdqn.config import EnvConfig
 from gossipdqn.dqn.actors import QFunction
-from gossipdqn.dqn.envs import make_vector_env
+from gossipdqn.dqn.envs import first_env_seed, make_vector_env
 from gossipdqn.types import EvalResult
 
 
@@ -17,7 +17,7 @@ def evaluate(
     env = make_vector_env(env_cfg, num_envs=episodes, training=False)
     rng = np.random.default_rng(seed)
     try:
-        obs, _ = env.reset(seed=seed)
+        obs, _ = env.reset(seed=first_env_seed(seed))
         totals = np.zeros(episodes)
         running = np.ones(episodes, dtype=bool)
         n_actions = int(env.single_action_space.n)

@@ -58,3 +58,15 @@ def test_epsilon_schedules():
     ladder = ape_x_epsilons(np.arange(8), 8, ActorConfig(ape_x_eps=0.4, ape_x_alpha=7.0))
     assert ladder[0] == pytest.approx(0.4) and ladder[-1] == pytest.approx(0.4**8)
     assert np.all(np.diff(ladder) < 0)
+
+
+def test_the_nodes_of_a_run_step_envs_of_disjoint_seeds():
+    # node r of a run is seeded run seed + r; its 8 envs must not replay a neighbour's episodes
+    starts = []
+    for node_seed in range(4):
+        env = gym.make_vec("CartPole-v1", num_envs=8, vectorization_mode="sync")
+        actors = Actors(env, spec_of(env), ActorConfig(), n_step=1, gamma=0.9, seed=node_seed)
+        starts.append(actors.obs.copy())
+        env.close()
+    rows = np.concatenate(starts)
+    assert len(np.unique(rows, axis=0)) == len(rows), "two envs of the swarm start alike"
