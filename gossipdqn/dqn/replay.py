@@ -217,16 +217,6 @@ class ReplayBuffer:
         return self._gather((self.pos - n + np.arange(n)) % self.capacity)
 
     @locked
-    def highest_priority(self, n: int) -> Transitions:
-        """The `n` transitions of highest priority; the latest ones for uniform replay."""
-        if self.tree is None:
-            return self.latest(n)
-        n = min(n, self.size)
-        live = self.live_slots()
-        chosen = np.argpartition(-self.tree.get(live), n - 1)[:n] if n else np.zeros(0, int)
-        return self._gather(live[chosen])
-
-    @locked
     def transitions(self, slots: np.ndarray) -> Transitions:
         """The live transitions in `slots`, whole (to share with peers)."""
         slots = np.asarray(slots, dtype=np.int64)

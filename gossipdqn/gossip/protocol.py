@@ -235,8 +235,7 @@ class Gossip:
             self._send(rank, Kind.PARAMS, frames)
 
     def _share_experience(self) -> None:
-        assert self.replay is not None
-        batch = shareable(self.replay, self.pending, self.cfg.share_batch)
+        batch = shareable(self.pending, self.cfg.share_batch)
         self.pending = []
         alive = self.alive()
         if len(batch) == 0 or not alive:
@@ -346,10 +345,11 @@ def inbound_bounds(cfg: GossipConfig, spec: EnvSpec, n_params: int, capacity: in
     return InboundBounds(n, frame_bytes, max(4 * n_params, experience_bytes(spec, n)) + 1024)
 
 
-def shareable(replay: ReplayBuffer, pending: list[Transitions], n: int) -> Transitions:
-    """What to share: the `n` highest-priority transitions, or the `n` latest of `pending`."""
-    if replay.prioritized:
-        return replay.highest_priority(n)
+def shareable(pending: list[Transitions], n: int) -> Transitions:
+    """What to share: the `n` latest of the node's own transitions since its last share.
+
+    Never what peers sent (it would echo round the swarm) and never one transition twice.
+    """
     return Transitions(*(np.concatenate(a)[-n:] for a in zip(*pending)))
 
 

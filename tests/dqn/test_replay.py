@@ -79,13 +79,6 @@ def test_importance_weights():
     assert np.allclose(sample.weights, raw[sample.indices] / raw[sample.indices].max())
 
 
-def test_highest_priority():
-    replay = ReplayBuffer(8, (2,), np.float32, prioritized=True)
-    replay.add(batch(range(6)))
-    replay.update_priorities(np.arange(6), np.array([0.1, 9.0, 0.2, 7.0, 0.3, 8.0]))
-    assert sorted(replay.highest_priority(3).actions.tolist()) == [1, 3, 5]
-
-
 @pytest.mark.parametrize("prioritized", [False, True])
 def test_state_dict_round_trip(prioritized):
     a = ReplayBuffer(6, (2,), np.float32, prioritized=prioritized, seed=5)

@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 
+import numpy as np
 import torch
 
 from gossipdqn.cluster.local import free_ports, node_command
@@ -54,6 +55,24 @@ def test_experience_sent_by_a_is_found_in_b_replay(tmp_path):
         found = (b_obs[:, None, :] == a_obs[None, :, :]).all(axis=2).any(axis=1)
         assert found.sum() >= 16  # A's batch sits in B's replay beside B's own transitions
         assert b.exchange.metrics()["gossip_recv_experience"] >= 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_node_shares_only_its_own_experience_never_a_peers_back(tmp_path):
+    # prioritized replay, no updates: what a peer sent sits at the highest priority, beside the
+    # node's own; shares must still carry the node's own transitions only, each once
+    overrides = ["gossip.params=false", "gossip.share_every=64", "gossip.share_batch=64",
+                 "replay.prioritized=true", "learner.learning_starts=100000", "env.num_envs=4"]
+    a, b = build_nodes(tmp_path, 2, overrides)
+    try:
+        both = lambda: min(n.exchange.counts.received["experience"] for n in (a, b)) >= 2  # noqa: E731
+        assert step_until([a, b], both), "no experience both ways within the step budget"
+        for node in (a, b):
+            obs = node.replay.obs[: len(node.replay)]
+            rows, counts = np.unique(obs, axis=0, return_counts=True)
+            assert counts.max() == 1, f"{(counts > 1).sum()} transitions came back to their sender"
     finally:
         a.close()
         b.close()
