@@ -45,7 +45,7 @@ class Mixer:
     def __init__(self, cfg: GossipConfig, world: int, rank: int) -> None:
         self.cfg, self.world = cfg, world
         self.links = PushSumLinks()
-        n_peers = max(1, world - 1)  # tau: 3x the lower median of each peer's distance
+        n_peers = max(1, world - 1)  # tau: 3x the upper median of each peer's distance
         # tau is 0 (clip to our own θ; the weight still counts) until the distances of two
         # senders are known, or of the one sender a ring gives us
         senders = min(2, len(in_sources(cfg, rank, world)))

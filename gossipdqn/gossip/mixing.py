@@ -158,7 +158,12 @@ def centered_clip(theta: torch.Tensor, peer_theta: torch.Tensor, tau: float) -> 
 
 @dataclass
 class AdaptiveClipThreshold:
-    """Clip radius tau = multiplier * lower median of the last `window` observed peer distances.
+    """Clip radius tau = multiplier * upper median of the last `window` observed peer distances.
+
+    The upper median, so a peer counts as an outlier only against at least half the senders: with
+    the lower one, a node hearing one close and one far sender took the close one as the norm,
+    and two honest clusters that formed early refused each other for good (4 nodes, exponential
+    topology, 20% drops and delays: 5 of 80 simulated swarms stuck 1–6% apart after 300 rounds).
 
     An observation with a `source` replaces that source's earlier one, so a peer that sends
     faster than the others cannot fill the window and move the median alone.
@@ -200,7 +205,7 @@ class AdaptiveClipThreshold:
         """The current clip radius."""
         if len(self._distances) < self.min_count:
             return max(self.initial, self.floor)
-        return max(self.multiplier * statistics.median_low(self._distances.values()), self.floor)
+        return max(self.multiplier * statistics.median_high(self._distances.values()), self.floor)
 
 
 def robust_filter(

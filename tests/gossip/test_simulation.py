@@ -79,6 +79,17 @@ def test_robust_mixing_never_destroys_weight_at_start_up(robust: str) -> None:
     assert all(0.5 <= w <= 2.0 for w in swarm.weights())
 
 
+@pytest.mark.parametrize("seed", [9, 34, 35])
+def test_reject_never_splits_honest_nodes_for_good(seed: int) -> None:
+    # seeds where, judged against the lower median, two honest pairs refused each other for good
+    start = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)) + 3.0
+    settings = gossip_settings(robust="reject", topology="exponential")
+    swarm = Swarm(start, settings, FaultModel(drop=0.2, delay=0.2), seed=seed)
+    for _ in range(300):
+        swarm.step()
+    assert swarm.spread() < 1e-3, f"honest nodes stayed {swarm.spread():.3g} apart"
+
+
 def test_a_sink_gets_no_weight_and_the_others_keep_mixing() -> None:
     swarm = Swarm(initial(), gossip_settings(), FaultModel(sinks=frozenset({3})), seed=1)
     for _ in range(300):
