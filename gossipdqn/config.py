@@ -113,12 +113,7 @@ class LearnerConfig:
     threads: int = setting(1, "torch CPU threads of the node; 0 keeps torch's default", low=0)
     lr: float = setting(2e-3, "Adam learning rate", low=0.0)
     lr_end: float = setting(0.0, "learning rate at the end of lr_decay_steps", low=0.0)
-    lr_decay_steps: int = setting(
-        0,
-        "env steps over which the learning rate falls linearly to lr_end; 0 keeps lr (a "
-        "parameter server keeps lr)",
-        low=0,
-    )
+    lr_decay_steps: int = setting(0, "env steps of a linear fall to lr_end; 0 keeps lr", low=0)
     adam_eps: float = setting(1e-8, "Adam epsilon", low=0.0)
     gamma: float = setting(0.99, "discount factor", low=0.0, high=1.0)
     batch_size: int = setting(128, "minibatch size", low=1)
