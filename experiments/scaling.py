@@ -33,7 +33,7 @@ from compare import RUN_LIMIT_S, one_run
 
 from gossipdqn.cluster.procs import signals_to_event
 from gossipdqn.config import load_config
-from gossipdqn.report import bootstrap_ci, iqm, is_run_dir, load_run, node_evals, traffic
+from gossipdqn.report import bootstrap_ci, iqm, is_run_dir, load_run, traffic
 
 MODES = ("gossip", "allreduce", "ps", "ideal")
 LAUNCHED_AS = {"one": "single", "ideal": "single", "gossip": "gossip", "ps": "ps",
@@ -53,11 +53,6 @@ def finished(run_dir: Path) -> bool:
     return not json.loads((run_dir / "summary.json").read_text()).get("failed")
 
 
-def node_summaries(run_dir: Path) -> list[dict[str, Any]]:
-    combined = json.loads((run_dir / "summary.json").read_text())
-    return [n["summary"] for n in combined["nodes"] if n["summary"]]
-
-
 def _median_node(values: list[float | None]) -> float | None:
     """The median node's value, a node that never reached it counted as slower than all."""
     ordered = sorted(np.inf if v is None else v for v in values)
@@ -65,32 +60,32 @@ def _median_node(values: list[float | None]) -> float | None:
     return None if not values or np.isinf(mid) else float(mid)
 
 
-def post_solve(node_dir: Path, summary: dict[str, Any], threshold: float) -> list[bool]:
+def post_solve(evals: np.ndarray, summary: dict[str, Any], threshold: float) -> list[bool]:
     """Whether each periodic evaluation after the node first met the threshold was at it."""
     solved_at = summary.get("steps_to_threshold")
     if solved_at is None:
         return []
-    evals = node_evals(node_dir)
     return [bool(r >= threshold) for step, _, r in evals if step > solved_at]
 
 
 def run_figures(run_dir: Path, mode: str, n: int) -> dict[str, Any]:
     """One run's figures: per-node env steps and CPU seconds to the threshold, bytes, stability."""
-    nodes = node_summaries(run_dir)
+    run = load_run(run_dir)
+    ended = [(node["summary"], evals) for node, evals in zip(run.summary["nodes"], run.evals)
+             if node["summary"]]  # fmt: skip
+    nodes = [summary for summary, _ in ended]
     cpu = [s.get("cpu_seconds_to_threshold") for s in nodes]
     per_actor_set = n if mode in ("one", "ideal") else 1  # the ideal's steps are all N sets'
     steps = [None if s["steps_to_threshold"] is None else s["steps_to_threshold"] / per_actor_set
              for s in nodes]  # fmt: skip
     threshold = nodes[0]["threshold"]
-    after: list[bool] = []
-    for rank, s in enumerate(nodes):
-        after += post_solve(run_dir / f"node-{rank}", s, threshold)
+    after = [ok for summary, evals in ended for ok in post_solve(evals, summary, threshold)]
     return {
         "mode": mode, "nodes": n, "run": run_dir.name,
         "steps_to_threshold": _median_node(steps),
         "cpu_seconds_to_threshold": _median_node(cpu),
         "nodes_reached": sum(v is not None for v in steps), "node_count": len(nodes),
-        "sent_bytes_per_node_per_s": traffic(load_run(run_dir))[0],
+        "sent_bytes_per_node_per_s": traffic(run)[0],
         "post_solve_evals": len(after), "post_solve_at_threshold": sum(after),
         "final_evals": [s["final_eval_return_mean"] for s in nodes],
     }  # fmt: skip

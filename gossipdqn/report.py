@@ -69,7 +69,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def node_evals(node_dir: Path) -> np.ndarray:
+def _node_evals(node_dir: Path) -> np.ndarray:
     rows = []
     metrics = node_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -85,7 +85,7 @@ def load_run(path: Path) -> Run:
     summary = json.loads((path / "summary.json").read_text())
     mode = summary.get("mode", "gossip")
     nodes = summary.get("actors_scale") or len(summary["nodes"])
-    evals = tuple(node_evals(path / f"node-{n['rank']}") for n in summary["nodes"])
+    evals = tuple(_node_evals(path / f"node-{n['rank']}") for n in summary["nodes"])
     return Run(path, mode, int(nodes), summary, evals)
 
 

@@ -41,3 +41,26 @@ def test_scaling_study_runs_resumes_and_writes_table_and_plot(tmp_path, tiny_ove
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[scaling]" not in again.stdout  # every run had its summary: none ran again
     assert (tmp_path / "scaling.md").read_text() == table
+
+
+def test_post_solve_stability_reads_each_nodes_own_evaluations(tmp_path):
+    """A node that left no summary (it failed) must not shift the others onto its metrics."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import scaling
+
+    def evals(node, returns):
+        (tmp_path / node).mkdir()
+        lines = [json.dumps({"step": 1000 * (i + 1), "wall_s": i, "eval_return_mean": r})
+                 for i, r in enumerate(returns)]  # fmt: skip
+        (tmp_path / node / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    evals("node-0", [0.0, 0.0, 0.0, 0.0])
+    evals("node-1", [0.0, 500.0, 500.0, 480.0])
+    solved = {"steps_to_threshold": 2000, "cpu_seconds_to_threshold": 3.0, "threshold": 475.0,
+              "final_eval_return_mean": 490.0}  # fmt: skip
+    nodes = [{"rank": 0, "exit_code": 1, "summary": {}},
+             {"rank": 1, "exit_code": 0, "summary": solved}]  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps({"mode": "gossip", "nodes": nodes}))
+    figures = scaling.run_figures(tmp_path, "gossip", 2)
+    assert (figures["post_solve_evals"], figures["post_solve_at_threshold"]) == (2, 2)
+    assert figures["final_evals"] == [490.0]

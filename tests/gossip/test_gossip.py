@@ -71,7 +71,7 @@ def test_a_node_shares_only_its_own_experience_never_a_peers_back(tmp_path):
         assert step_until([a, b], both), "no experience both ways within the step budget"
         for node in (a, b):
             obs = node.replay.obs[: len(node.replay)]
-            rows, counts = np.unique(obs, axis=0, return_counts=True)
+            _, counts = np.unique(obs, axis=0, return_counts=True)
             assert counts.max() == 1, f"{(counts > 1).sum()} transitions came back to their sender"
     finally:
         a.close()
