@@ -131,6 +131,9 @@ def _configure_router(router: zmq.Socket, plan: SocketPlan) -> None:
     _set_common(router, plan.gossip)
     router.rcvhwm = max(16, 4 * plan.gossip.queue_messages)
     router.setsockopt(zmq.MAXMSGSIZE, plan.max_frame_bytes)
+    # a DEALER keeps its routing id when it reconnects, and the new connection can come up
+    # before the old one has timed out here; libzmq would leave it unheard for good
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if plan.curve is not None:
         router.curve_server = True
         router.curve_publickey = plan.curve.node.public
@@ -143,7 +146,7 @@ def _configure_router(router: zmq.Socket, plan: SocketPlan) -> None:
 def _configure_dealer(dealer: zmq.Socket, peer: int, plan: SocketPlan) -> None:
     gossip = plan.gossip
     _set_common(dealer, gossip)
-    # unique per connection: a second client claiming our rank cannot take over our pipe
+    # unique per socket: another client claiming our rank does not take over our pipe
     dealer.identity = f"{plan.identity_prefix}{plan.rank}:{uuid.uuid4().hex[:8]}".encode()
     dealer.sndhwm, dealer.rcvhwm = gossip.queue_messages, 1
     dealer.immediate = True

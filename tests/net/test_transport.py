@@ -208,6 +208,32 @@ def test_silence_counts_from_when_the_peer_goes(make: Callable[..., Transport]) 
         a.silent_s(5)
 
 
+def test_a_peer_that_reconnects_before_its_old_connection_is_gone_is_heard(
+    make: Callable[..., Transport], raw_context: zmq.Context
+) -> None:
+    """A DEALER keeps its routing id across reconnects, and its new connection can come up
+    while this node still holds the old one (a peer resumed from SIGSTOP times out first)."""
+    port = free_port()
+    a = make(0, port, {1: free_port()})
+    old, new = raw_context.socket(zmq.DEALER), raw_context.socket(zmq.DEALER)
+    for dealer in (old, new):
+        dealer.linger, dealer.identity = 0, b"1:5ca1ab1e"
+    old.reconnect_ivl = -1  # once cut it stays down, as a connection its peer has given up
+    old.connect(url(port))
+    old.send_multipart(frames_of(1))  # the old connection is the one known by this routing id
+    (first,) = collect(a, 1)
+    assert (a.rank_of(first), seq_of(first)) == (1, 1)
+    new.connect(url(port))
+    for seq in (2, 3):
+        new.send_multipart(frames_of(seq))
+    got = collect(a, 2, timeout_s=5.0)
+    old.close()
+    new.send_multipart(frames_of(4))
+    got += collect(a, 1, timeout_s=5.0)
+    assert [a.rank_of(m) for m in got] == [1, 1, 1]
+    assert [seq_of(m) for m in got] == [2, 3, 4]
+
+
 PEER_PROCESS = """
 import sys
 from gossipdqn.config import FaultsConfig, GossipConfig, SecurityConfig
