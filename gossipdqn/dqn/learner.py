@@ -122,7 +122,11 @@ class Learner:
         return lr
 
     def step(self, batch: SampledBatch, *, td_errors: bool = True) -> UpdateResult:
-        """One gradient step on a sampled batch; refreshes the target net on its schedule."""
+        """One gradient step on a sampled batch; refreshes the target net on its schedule.
+
+        Raises FloatingPointError, before counting the update, when the loss or a TD error
+        it brings to the host is not finite (the node stops; its last checkpoint is intact).
+        """
         loss, errors, mean_q = self.loss_fn(self.to_device(batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,19 +134,29 @@ class Learner:
             self.apply_gradients()
         else:
             self.gradient_handler(self)
-        self.updates += 1
-        self._update_target()
-        self.sync_actor_net()
         errors = errors.detach().abs().cpu().numpy() if td_errors else np.zeros(0, np.float32)
         every = self.cfg.metrics_every
         if every == 1:
-            return UpdateResult(loss.item(), mean_q.item(), errors)
-        self.stats += torch.stack([loss.detach(), mean_q])
-        if self.updates % every:
-            return UpdateResult(math.nan, math.nan, errors)
-        stats = (self.stats / every).cpu().numpy()
-        self.stats.zero_()
-        return UpdateResult(float(stats[0]), float(stats[1]), errors)
+            result = UpdateResult(loss.item(), mean_q.item(), errors)
+        else:
+            self.stats += torch.stack([loss.detach(), mean_q])
+            result = UpdateResult(math.nan, math.nan, errors)
+            if (self.updates + 1) % every == 0:
+                stats = (self.stats / every).cpu().numpy()
+                self.stats.zero_()
+                result = UpdateResult(float(stats[0]), float(stats[1]), errors)
+        synced = every == 1 or (self.updates + 1) % every == 0
+        if (synced and not math.isfinite(result.loss)) or not np.isfinite(errors).all():
+            raise FloatingPointError(
+                f"learner diverged: TD loss is {result.loss} at update {self.updates + 1} "
+                f"({int((~np.isfinite(errors)).sum())} of {len(errors)} TD errors not finite); "
+                "its parameters are lost, so resume from the last checkpoint with a lower "
+                f"learner.lr (now {self.optimizer.param_groups[0]['lr']:g}) or max_grad_norm"
+            )
+        self.updates += 1
+        self._update_target()
+        self.sync_actor_net()
+        return result
 
     def apply_gradients(self) -> None:
         """Clip the online net's gradients and take one optimizer step."""

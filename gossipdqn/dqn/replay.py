@@ -206,7 +206,14 @@ class ReplayBuffer:
         keep = self._holds(np.asarray(indices), before)
         if not keep.any():
             return
-        priorities = np.abs(np.asarray(td_errors)[keep]).astype(np.float64) + self.priority_eps
+        errors = np.asarray(td_errors)
+        if not np.isfinite(errors).all():
+            bad = errors[~np.isfinite(errors)]
+            raise ValueError(
+                f"td_errors: {len(bad)} of {len(errors)} are not finite ({bad[0]}); a priority "
+                "must be a finite number"
+            )
+        priorities = np.abs(errors[keep]).astype(np.float64) + self.priority_eps
         self.max_priority = max(self.max_priority, float(priorities.max()))
         self.tree.set(np.asarray(indices)[keep], priorities**self.alpha)
 

@@ -98,3 +98,20 @@ def test_learning_rate_stays_constant_without_a_decay(tmp_path):
         assert node.learner.optimizer.param_groups[0]["lr"] == 1e-3
     finally:
         node.close()
+
+
+def test_a_learner_whose_loss_is_not_finite_stops_with_the_reason(tmp_path):
+    node = tiny_node(tmp_path, "replay.prioritized=true")
+    try:
+        while node.progress.updates < 1:
+            node.train_step()
+        with torch.no_grad():
+            next(node.learner.online.parameters())[0, 0] = float("nan")
+        with pytest.raises(
+            FloatingPointError,
+            match=r"diverged: TD loss is nan at update 2 \(16 of 16 TD.*learner.lr",
+        ):
+            node.train_step()
+        assert node.progress.updates == 1  # nothing of the step reached the replay or counters
+    finally:
+        node.close()

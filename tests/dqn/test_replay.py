@@ -134,3 +134,14 @@ def test_sum_tree_never_finds_a_zero_leaf():
     values = np.concatenate([edges, np.nextafter(edges, 0)])
     found = tree.find(values[values < tree.total])
     assert (priorities[found] > 0).all(), found
+
+
+def test_a_td_error_that_is_not_finite_is_refused_and_the_tree_keeps_its_priorities():
+    replay = ReplayBuffer(4, (2,), np.float32, prioritized=True, alpha=1.0, priority_eps=1e-9)
+    replay.add(batch(range(4)))
+    replay.update_priorities(np.arange(4), np.array([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match=r"td_errors: 1 of 4 are not finite \(nan\)"):
+        replay.update_priorities(np.arange(4), np.array([1.0, np.nan, 3.0, 4.0]))
+    assert np.allclose(replay.tree.get(np.arange(4)), [1.0, 2.0, 3.0, 4.0])
+    assert replay.max_priority == pytest.approx(4.0)
+    assert np.isfinite(replay.sample(16, beta=0.4).weights).all()
