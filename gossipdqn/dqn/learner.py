@@ -136,16 +136,16 @@ class Learner:
             self.gradient_handler(self)
         errors = errors.detach().abs().cpu().numpy() if td_errors else np.zeros(0, np.float32)
         every = self.cfg.metrics_every
+        synced = (self.updates + 1) % every == 0  # loss and mean Q reach the host this update
         if every == 1:
             result = UpdateResult(loss.item(), mean_q.item(), errors)
         else:
             self.stats += torch.stack([loss.detach(), mean_q])
             result = UpdateResult(math.nan, math.nan, errors)
-            if (self.updates + 1) % every == 0:
+            if synced:
                 stats = (self.stats / every).cpu().numpy()
                 self.stats.zero_()
                 result = UpdateResult(float(stats[0]), float(stats[1]), errors)
-        synced = every == 1 or (self.updates + 1) % every == 0
         if (synced and not math.isfinite(result.loss)) or not np.isfinite(errors).all():
             raise FloatingPointError(
                 f"learner diverged: TD loss is {result.loss} at update {self.updates + 1} "

@@ -100,18 +100,23 @@ def test_learning_rate_stays_constant_without_a_decay(tmp_path):
         node.close()
 
 
-def test_a_learner_whose_loss_is_not_finite_stops_with_the_reason(tmp_path):
-    node = tiny_node(tmp_path, "replay.prioritized=true")
+@pytest.mark.parametrize(
+    ("extra", "seen_at", "errors"),
+    [("replay.prioritized=true", 2, "16 of 16"), ("learner.metrics_every=3", 3, "0 of 0")],
+)
+def test_a_learner_whose_loss_is_not_finite_stops_with_the_reason(tmp_path, extra, seen_at, errors):
+    """Seen where the loss or TD errors reach the host: every update with priorities, else at
+    the metrics sync."""
+    node = tiny_node(tmp_path, extra)
     try:
         while node.progress.updates < 1:
             node.train_step()
         with torch.no_grad():
             next(node.learner.online.parameters())[0, 0] = float("nan")
-        with pytest.raises(
-            FloatingPointError,
-            match=r"diverged: TD loss is nan at update 2 \(16 of 16 TD.*learner.lr",
-        ):
-            node.train_step()
-        assert node.progress.updates == 1  # nothing of the step reached the replay or counters
+        match = rf"diverged: TD loss is nan at update {seen_at} \({errors} TD.*learner.lr"
+        with pytest.raises(FloatingPointError, match=match):
+            for _ in range(10):
+                node.train_step()
+        assert node.progress.updates == seen_at - 1  # the failed step counted nowhere
     finally:
         node.close()
