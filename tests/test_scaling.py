@@ -43,9 +43,9 @@ def test_scaling_study_runs_resumes_and_writes_table_and_plot(tmp_path, tiny_ove
     assert (tmp_path / "scaling.md").read_text() == table
 
 
-def test_post_solve_stability_reads_each_nodes_own_evaluations(tmp_path):
+def test_post_solve_stability_reads_each_nodes_own_evaluations(tmp_path, monkeypatch):
     """A node that left no summary (it failed) must not shift the others onto its metrics."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # experiments/ off the path again after
     import scaling
 
     def evals(node, returns):
