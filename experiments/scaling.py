@@ -88,6 +88,7 @@ def run_figures(run_dir: Path, mode: str, n: int) -> dict[str, Any]:
         "sent_bytes_per_node_per_s": traffic(run)[0],
         "post_solve_evals": len(after), "post_solve_at_threshold": sum(after),
         "final_evals": [s["final_eval_return_mean"] for s in nodes],
+        "stopped_by_limit": any(s.get("interrupted") for s in nodes),
     }  # fmt: skip
 
 
@@ -141,6 +142,7 @@ def group_figures(figures: list[dict[str, Any]], modes: list[str]) -> list[dict[
             )
             finals = [v for r in runs for v in r["final_evals"] if v is not None]
             row["final_eval_min"] = min(finals) if finals else None
+            row["stopped_by_limit"] = [r["run"] for r in runs if r["stopped_by_limit"]]
             rows.append(row)
     return rows
 
@@ -179,6 +181,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _speedup(steps), f"{r['sent_bytes_per_node_per_s']:,.0f}",
             _maybe(r["post_solve_share"], "{:.0%}"), _maybe(r["final_eval_min"], "{:.0f}"),
         ]) + " |")  # fmt: skip
+    cut = [name for r in rows for name in r["stopped_by_limit"]]
+    if cut:  # their final evaluation and the end of their budget are missing
+        lines += ["", f"Stopped by --limit-s before the end of their budget: {', '.join(cut)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -265,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 130
                 print(f"[scaling] {run_dir.name} at {time.monotonic() - started:.0f} s", flush=True)
             figures.append(run_figures(run_dir, mode, n))
+            if figures[-1]["stopped_by_limit"]:
+                print(f"[scaling] {run_dir.name} was stopped by --limit-s {args.limit_s:.0f} before"
+                      " the end of its budget; delete it and rerun with a larger one to redo it",
+                      file=sys.stderr)  # fmt: skip
     if not figures:
         print(f"[scaling] no finished runs in {args.out / 'runs'}", file=sys.stderr)
         return 1

@@ -64,3 +64,26 @@ def test_post_solve_stability_reads_each_nodes_own_evaluations(tmp_path, monkeyp
     figures = scaling.run_figures(tmp_path, "gossip", 2)
     assert (figures["post_solve_evals"], figures["post_solve_at_threshold"]) == (2, 2)
     assert figures["final_evals"] == [490.0]
+
+
+def test_a_run_cut_by_the_time_limit_is_named_under_the_table(tmp_path, monkeypatch):
+    """A run the harness stopped at --limit-s has no final evaluation: the table must say so."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import scaling
+
+    def study(interrupted):
+        run_dir = tmp_path / f"cut-{interrupted}" / "one-n1-s0"
+        (run_dir / "node-0").mkdir(parents=True)
+        (run_dir / "node-0" / "metrics.jsonl").write_text(
+            json.dumps({"step": 1000, "wall_s": 1.0, "eval_return_mean": 500.0}) + "\n"
+        )
+        summary = {"steps_to_threshold": 1000, "cpu_seconds_to_threshold": 2.0,
+                   "threshold": 475.0, "interrupted": interrupted,
+                   "final_eval_return_mean": None if interrupted else 500.0}  # fmt: skip
+        nodes = [{"rank": 0, "exit_code": 0, "summary": summary}]
+        (run_dir / "summary.json").write_text(json.dumps({"mode": "single", "nodes": nodes}))
+        figures = [scaling.run_figures(run_dir, "one", 1)]
+        return scaling.markdown(scaling.group_figures(figures, ["gossip"]))
+
+    assert "limit" not in study(interrupted=False)
+    assert "Stopped by --limit-s before the end of their budget: one-n1-s0" in study(True)
