@@ -297,9 +297,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     if args.json:
-        print(json.dumps({"mean": result.mean, "std": result.std, "returns": result.returns}))
+        print(json.dumps(result._asdict()))
     else:
-        print(f"{cfg.env.id}: return {result.mean:.2f} +- {result.std:.2f} over {args.episodes}")
+        print(f"{cfg.env.id}: return {result.mean:.2f} +- {result.std:.2f} over {args.episodes}"
+              f" episodes of {sum(result.lengths) / len(result.lengths):.0f} steps on average,"
+              f" {sum(result.truncated)} ended by the time limit")  # fmt: skip
     return 0
 
 

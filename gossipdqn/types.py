@@ -58,8 +58,10 @@ class EnvSpec(NamedTuple):
 
 
 class EvalResult(NamedTuple):
-    """Returns of a greedy evaluation."""
+    """A greedy evaluation: returns, episode lengths, and which episodes the time limit ended."""
 
     mean: float
     std: float
     returns: tuple[float, ...]
+    lengths: tuple[int, ...] = ()
+    truncated: tuple[bool, ...] = ()

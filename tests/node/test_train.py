@@ -156,6 +156,8 @@ def test_cli_train_resume_and_eval(tmp_path, tiny_overrides):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert len(result["returns"]) == 3 and result["mean"] > 0
+    assert result["returns"] == [float(n) for n in result["lengths"]]  # CartPole pays 1 a step
+    assert len(result["truncated"]) == 3
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
