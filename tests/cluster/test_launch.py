@@ -356,6 +356,8 @@ def test_keep_going_lets_the_rest_finish_and_collects(
                        "FAKE_MODE=finish", "--collect", str(workdir / "back"))  # fmt: skip
     proc = start_launcher(workdir, argv)
     groups = node_groups(workdir)
+    wrote = workdir / "run" / "node-1" / "out.txt"  # the pid file comes before the node's output
+    wait_for(lambda: wrote.exists() and wrote.read_text().endswith("\n"), 20, "node 1's output")
     os.killpg(groups[1], signal.SIGKILL)
     assert finish(proc) == 128 + signal.SIGKILL
     log = (workdir / "launch.log").read_text()
