@@ -43,24 +43,27 @@ def test_scaling_study_runs_resumes_and_writes_table_and_plot(tmp_path, tiny_ove
     assert (tmp_path / "scaling.md").read_text() == table
 
 
+def write_run(run_dir: Path, mode: str, nodes: list[tuple[dict, list[float]]]) -> None:
+    """A finished run's files: per node its summary ({} if it left none) and evaluations."""
+    for rank, (_, returns) in enumerate(nodes):
+        (run_dir / f"node-{rank}").mkdir(parents=True)
+        lines = [json.dumps({"step": 1000 * (i + 1), "wall_s": i, "eval_return_mean": r})
+                 for i, r in enumerate(returns)]  # fmt: skip
+        (run_dir / f"node-{rank}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    ranks = [{"rank": rank, "exit_code": 0 if summary else 1, "summary": summary}
+             for rank, (summary, _) in enumerate(nodes)]  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps({"mode": mode, "nodes": ranks}))
+
+
 def test_post_solve_stability_reads_each_nodes_own_evaluations(tmp_path, monkeypatch):
     """A node that left no summary (it failed) must not shift the others onto its metrics."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # experiments/ off the path again after
     import scaling
 
-    def evals(node, returns):
-        (tmp_path / node).mkdir()
-        lines = [json.dumps({"step": 1000 * (i + 1), "wall_s": i, "eval_return_mean": r})
-                 for i, r in enumerate(returns)]  # fmt: skip
-        (tmp_path / node / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-
-    evals("node-0", [0.0, 0.0, 0.0, 0.0])
-    evals("node-1", [0.0, 500.0, 500.0, 480.0])
     solved = {"steps_to_threshold": 2000, "cpu_seconds_to_threshold": 3.0, "threshold": 475.0,
               "final_eval_return_mean": 490.0}  # fmt: skip
-    nodes = [{"rank": 0, "exit_code": 1, "summary": {}},
-             {"rank": 1, "exit_code": 0, "summary": solved}]  # fmt: skip
-    (tmp_path / "summary.json").write_text(json.dumps({"mode": "gossip", "nodes": nodes}))
+    write_run(tmp_path, "gossip", [({}, [0.0, 0.0, 0.0, 0.0]),
+                                   (solved, [0.0, 500.0, 500.0, 480.0])])  # fmt: skip
     figures = scaling.run_figures(tmp_path, "gossip", 2)
     assert (figures["post_solve_evals"], figures["post_solve_at_threshold"]) == (2, 2)
     assert figures["final_evals"] == [490.0]
@@ -73,15 +76,10 @@ def test_a_run_cut_by_the_time_limit_is_named_under_the_table(tmp_path, monkeypa
 
     def study(interrupted):
         run_dir = tmp_path / f"cut-{interrupted}" / "one-n1-s0"
-        (run_dir / "node-0").mkdir(parents=True)
-        (run_dir / "node-0" / "metrics.jsonl").write_text(
-            json.dumps({"step": 1000, "wall_s": 1.0, "eval_return_mean": 500.0}) + "\n"
-        )
         summary = {"steps_to_threshold": 1000, "cpu_seconds_to_threshold": 2.0,
                    "threshold": 475.0, "interrupted": interrupted,
                    "final_eval_return_mean": None if interrupted else 500.0}  # fmt: skip
-        nodes = [{"rank": 0, "exit_code": 0, "summary": summary}]
-        (run_dir / "summary.json").write_text(json.dumps({"mode": "single", "nodes": nodes}))
+        write_run(run_dir, "single", [(summary, [500.0])])
         figures = [scaling.run_figures(run_dir, "one", 1)]
         return scaling.markdown(scaling.group_figures(figures, ["gossip"]))
 
