@@ -37,11 +37,13 @@ def scale_actors(cfg: Config, n: int) -> Config:
         actor=r(cfg.actor, eps_decay_steps=cfg.actor.eps_decay_steps * n),
         replay=r(cfg.replay, capacity=cfg.replay.capacity * n,
                  beta_steps=cfg.replay.beta_steps * n),
-        learner=r(cfg.learner, learning_starts=cfg.learner.learning_starts * n),
+        learner=r(cfg.learner, learning_starts=cfg.learner.learning_starts * n,
+                  lr_decay_steps=cfg.learner.lr_decay_steps * n),
         train=r(cfg.train, total_steps=cfg.train.total_steps * n,
                 log_every_steps=cfg.train.log_every_steps * n),
         eval=r(cfg.eval, every_steps=cfg.eval.every_steps * n),
         checkpoint=r(cfg.checkpoint, every_steps=cfg.checkpoint.every_steps * n),
+        gossip=r(cfg.gossip, share_every=cfg.gossip.share_every * n),
     )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """Baselines on real processes over loopback: all-reduce, parameter server, their failures."""
 
+import dataclasses
 import json
 import threading
 
@@ -100,6 +101,26 @@ def test_scale_actors_multiplies_actors_and_every_step_budget():
     assert scaled.eval.every_steps == 3 * cfg.eval.every_steps
     assert scaled.learner.updates_per_step == cfg.learner.updates_per_step
     assert run.scale_actors(cfg, 1) == cfg
+
+
+def test_scale_actors_scales_every_setting_counted_in_env_steps():
+    """A schedule left unscaled would run N times faster for the ideal (lr_decay_steps did)."""
+    cfg = load_config(None, ["learner.lr_decay_steps=3000", "learner.lr_end=1e-4"])
+    scaled = run.scale_actors(cfg, 3)
+    counted = [
+        (section.name, f.name)
+        for section in dataclasses.fields(cfg)
+        if dataclasses.is_dataclass(getattr(cfg, section.name))
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if "env steps" in f.metadata["doc"]
+    ]
+    assert ("learner", "lr_decay_steps") in counted
+    unscaled = [
+        f"{s}.{name}"
+        for s, name in counted
+        if getattr(getattr(scaled, s), name) != 3 * getattr(getattr(cfg, s), name)
+    ]
+    assert unscaled == []
 
 
 @pytest.mark.parametrize("mode", ["ps", "allreduce"])  # gossip and single: tests/test_scaling.py
