@@ -211,12 +211,14 @@ class LineClock:
     def __init__(self, every_s: float) -> None:
         self.every_s, self.last, self.steps = every_s, time.monotonic(), 0
 
-    def speed_if_due(self, steps: int) -> float | None:
-        """Env steps per second since the last line when a line is due now, else None."""
+    def speed_if_due(self, steps: int, *, last: bool = False) -> float | None:
+        """Env steps per second since the last line when a line is due now, else None.
+
+        With `last` (the run's loop has ended) a line is due unless one already showed `steps`."""
         now = time.monotonic()
         elapsed = now - self.last
-        if elapsed < self.every_s:
+        if (elapsed < self.every_s and not last) or (last and steps == self.steps):
             return None
-        speed = (steps - self.steps) / elapsed
+        speed = (steps - self.steps) / max(elapsed, 1e-9)
         self.last, self.steps = now, steps
         return speed

@@ -125,12 +125,10 @@ class Node:
         self.learner = Learner(self.spec, cfg.network, cfg.learner, seed=cfg.seed)
         self.schedule = UpdateSchedule(cfg.learner.learning_starts, cfg.learner.updates_per_step)
         self.prefetcher: Prefetcher | None = None
-        self.pool: ActorPool | None = None
-        if cfg.actor.processes:
-            self.pool = ActorPool(
-                cfg, frames=self.replay.stores_frames, device=self.learner.device,
-                policy=self.learner.online, actor_offset=actor_offset, total_actors=total_actors,
-            )  # fmt: skip
+        self.pool: ActorPool | None = ActorPool(
+            cfg, frames=self.replay.stores_frames, device=self.learner.device,
+            policy=self.learner.online, actor_offset=actor_offset, total_actors=total_actors,
+        ) if cfg.actor.processes else None  # fmt: skip
         self.exchange: Exchange | None = None
         self.progress = Progress()
         self.window = Window()
@@ -254,6 +252,7 @@ class Node:
                 next_ckpt = _next_multiple(steps, cfg.checkpoint.every_steps)
                 self.save()
             self._maybe_progress_line()
+        self._maybe_progress_line(last=True)
         return self.finish(interrupted=stop.is_set())
 
     def _periodic_eval(self) -> bool:
@@ -279,9 +278,9 @@ class Node:
         self.window = Window()
         return record
 
-    def _maybe_progress_line(self) -> None:
+    def _maybe_progress_line(self, *, last: bool = False) -> None:
         steps = self.progress.env_steps
-        speed = self.line.speed_if_due(steps)
+        speed = self.line.speed_if_due(steps, last=last)
         if speed is None:
             return
         self.log.flush()
