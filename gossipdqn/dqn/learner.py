@@ -21,13 +21,16 @@ from gossipdqn.types import EnvSpec, SampledBatch
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' is cuda when present, else cpu; anything else is taken as given."""
+    """'auto' is cuda when present, else cpu; anything else is taken as given. A cuda device
+    always carries its index (the one tensors report), so devices compare equal to theirs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"learner.device: {name!r} asked for, but torch sees no CUDA device")
-    return device
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +207,7 @@ def _to_device(value: np.ndarray | torch.Tensor, device: torch.device) -> torch.
     tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
     if tensor.device == device:
         return tensor
-    if device.type == "cuda" and not tensor.is_pinned():
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 

@@ -37,7 +37,7 @@ def test_acting_copy_follows_every_update_of_the_node_loop(tmp_path):
             learner.online_flat.mul_(-1.0)
         assert torch.equal(torch.from_numpy(learner.q_values(obs)), torch.from_numpy(before))
         learner.sync_actor_net()
-        expected = learner.online(torch.from_numpy(obs)).detach().numpy()
+        expected = learner.online(torch.from_numpy(obs).to(learner.device)).detach().cpu().numpy()
         assert torch.allclose(torch.from_numpy(learner.q_values(obs)), torch.from_numpy(expected))
     finally:
         node.close()
@@ -61,10 +61,10 @@ def test_evaluation_plays_the_current_online_net(tmp_path):
         balance(learner.online)  # as an exchange would load parameters, without a refresh
         seed = node.cfg.seed + 1_000_003 * (node.progress.evals + 1)
         stale = evaluate(learner.q_values, node.cfg.env, 3, seed=seed, eps=0.0)
-        current = evaluate(
-            lambda o: learner.online(torch.from_numpy(o)).detach().numpy(), node.cfg.env, 3,
-            seed=seed, eps=0.0,
-        )  # fmt: skip
+        def online_now(obs):
+            return learner.online(torch.from_numpy(obs).to(learner.device)).detach().cpu().numpy()
+
+        current = evaluate(online_now, node.cfg.env, 3, seed=seed, eps=0.0)
         assert stale.returns != current.returns  # the stale copy plays differently
         assert node.evaluate(3).returns == current.returns
     finally:
