@@ -5,6 +5,7 @@ all-reduce (`baselines.allreduce.AllReduceExchange`) implement it, so a comparis
 changes one thing only. The node calls it in this order::
 
     node.connect(exchange)              -> exchange.attach(learner, replay)      once
+    node.run(stop)                      -> exchange.rendezvous(stop)             once, first
     while training:
         actors step the environments    -> exchange.after_env_step(steps, batch) every step
         each learner update due         -> exchange.after_update(updates)        every update
@@ -13,8 +14,8 @@ changes one thing only. The node calls it in this order::
     node.restore(checkpoint)            -> exchange.load_state_dict(state)       on resume
     node.finish() / node.close()        -> exchange.metrics(), exchange.close()  once
 
-Every call returns promptly: an exchange that talks to the network does so on its own thread
-or without blocking, so the learner never waits on a peer.
+Every call but `rendezvous` returns promptly: an exchange that talks to the network does so on
+its own thread or without blocking, so the learner never waits on a peer once training began.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import threading
+
     from gossipdqn.dqn.learner import Learner
     from gossipdqn.dqn.replay import ReplayBuffer
     from gossipdqn.types import Transitions
@@ -32,6 +35,9 @@ class Exchange(Protocol):
 
     def attach(self, learner: Learner, replay: ReplayBuffer) -> None:
         """Called once, when the node has built the parts the exchange works on."""
+
+    def rendezvous(self, stop: threading.Event) -> None:
+        """Called once as training begins; may wait, bounded and until `stop`, for the others."""
 
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Called after every actor step with the transitions it produced."""

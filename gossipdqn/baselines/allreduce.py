@@ -122,6 +122,9 @@ class AllReduceExchange:
                 return
             self._apply(summed, active)
 
+    def rendezvous(self, stop: threading.Event) -> None:
+        """Nothing more to wait for: attach formed the process group, every worker in it."""
+
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Nothing to do between updates."""
 

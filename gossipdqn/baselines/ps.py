@@ -264,6 +264,9 @@ class ServerExchange:
             self.learner.sync_actor_net()
             self.counts["params_loaded"] += 1
 
+    def rendezvous(self, stop: threading.Event) -> None:
+        """Nothing more to wait for: attach waited for the server's parameters."""
+
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Take in parameters; give up when the transport finds the server silent."""
         self._poll()

@@ -53,10 +53,10 @@ class ObsBounds:
 
 
 def check_hello(msg: Message, fingerprint: str) -> None:
-    """No tensors, an address, whether the sender mixes, and our network's fingerprint."""
+    """No tensors, an address, whether the sender mixes and trains, our network's fingerprint."""
     if msg.tensors or not isinstance(msg.meta.get("addr"), str):
         raise Rejected("bad_hello")
-    if msg.meta.get("mix", 1) not in (0, 1):
+    if msg.meta.get("mix", 1) not in (0, 1) or msg.meta.get("go", 0) not in (0, 1):
         raise Rejected("bad_hello")
     if msg.meta.get("fp") != fingerprint:
         raise Rejected("fingerprint")

@@ -34,6 +34,8 @@ class Peer:
     newest few, so a forged incarnation in between cannot make an old link look new)."""
     mixes: bool = True
     """Whether the peer mixes parameters (its hellos say so); weight goes only to those that do."""
+    trains: bool = False
+    """Whether the peer's hellos say it has begun training (it is past its rendezvous)."""
     params: torch.Tensor | None = None
     """The peer's latest de-biased parameters (a read-only view of its message)."""
     params_round: int = -1

@@ -6,8 +6,10 @@ transport's I/O thread; here we only decide what to send and what to do with wha
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -45,6 +47,8 @@ from gossipdqn.gossip.topology import out_peers
 from gossipdqn.net.transport import Inbound, Transport, TransportStats
 from gossipdqn.net.wire import Kind, Message, WireError, WireLimits, decode, encode, limits_for
 from gossipdqn.types import EnvSpec, Transitions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,6 +90,8 @@ class Gossip:
         self.round = 0
         self.mixer = Mixer(cfg, self.world, rank)
         self.started = time.monotonic()
+        self.training = False
+        """Past the rendezvous: hellos say so, and a peer that starts later joins at once."""
         self.last_hello = -1e9
         self.next_share = cfg.share_every
         self.pending: list[Transitions] = []
@@ -105,6 +111,35 @@ class Gossip:
         self._hello(force=True)
 
     # -- the node's hooks -------------------------------------------------------------------
+
+    def rendezvous(self, stop: threading.Event) -> None:
+        """Before the first step, wait up to `rendezvous_s` until every peer is heard or one
+        says it trains already: a swarm starts together (as torchrun's ranks do), and a node that
+        restarts joins a running swarm at once. A peer not heard by then is left to join later."""
+        began = time.monotonic()
+        deadline, told = began + self.cfg.rendezvous_s, False
+        while (missing := self._not_met()) and not stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                log.warning("node %d starts without peers %s: not heard within "
+                            "gossip.rendezvous_s = %g s", self.rank, missing, self.cfg.rendezvous_s)
+                break
+            if not told and now - began >= self.cfg.heartbeat_s:
+                told = True
+                log.warning("node %d waits up to %g s for peers %s before training",
+                            self.rank, self.cfg.rendezvous_s, missing)  # fmt: skip
+            self.transport.wait(min(deadline - now, self.cfg.heartbeat_s))
+            self._hello()
+            self.poll()
+        self.training = True
+        self._hello(force=True)
+
+    def _not_met(self) -> list[int]:
+        """The peers still awaited: none once one alive trains, else those not heard."""
+        alive = self.alive()
+        if any(self.peers[r].trains for r in alive):
+            return []
+        return [r for r in self.peers if r not in alive]
 
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Take in what arrived; say hello on schedule; share experience every share_every."""
@@ -167,6 +202,7 @@ class Gossip:
             start_incarnation(peer, msg)
         if msg.kind == Kind.HELLO:
             peer.mixes = msg.meta.get("mix", 1) == 1
+            peer.trains = msg.meta.get("go", 0) == 1
         peer.last_seq = msg.seq
         return peer, msg
 
@@ -199,6 +235,7 @@ class Gossip:
         self.last_hello = now
         addr = self.transport.bound_address or self.transport.bind_address
         meta = {"addr": addr, "fp": self.fingerprint, "mix": int(self.cfg.params)}
+        meta["go"] = int(self.training)
         for rank in self.peers:
             self._send(rank, Kind.HELLO, self._message(Kind.HELLO, {}, **meta))
 

@@ -236,6 +236,8 @@ class Node:
         next_log = _next_multiple(self.progress.env_steps, cfg.train.log_every_steps)
         next_ckpt = _next_multiple(self.progress.env_steps, cfg.checkpoint.every_steps)
         solved = False
+        if self.exchange is not None:
+            self.exchange.rendezvous(stop)
         while self.progress.env_steps < cfg.train.total_steps and not stop.is_set() and not solved:
             started, started_cpu = time.perf_counter(), time.process_time()
             self.train_step()

@@ -172,7 +172,8 @@ PROC_SETS = [
 
 
 def test_sigterm_with_dead_peers_checkpoints_and_exits_within_5_s(tmp_path: Path) -> None:
-    proc = popen(node_commands(tmp_path, 3, PROC_SETS)[0])  # its two peers never answer
+    # its two peers never answer, and it does not wait for them
+    proc = popen(node_commands(tmp_path, 3, [*PROC_SETS, "gossip.rendezvous_s=0"])[0])
     try:
         read_peers(proc, 0)
         started = time.monotonic()
@@ -184,6 +185,40 @@ def test_sigterm_with_dead_peers_checkpoints_and_exits_within_5_s(tmp_path: Path
     state = load_checkpoint(tmp_path / "node-0" / "checkpoint.pt")
     assert state["progress"]["env_steps"] > 0
     assert json.loads((tmp_path / "node-0" / "summary.json").read_text())["interrupted"]
+
+
+def read_until(proc: subprocess.Popen, text: str, max_lines: int = 400) -> list[str]:
+    """The node's output lines up to the first that holds `text`."""
+    lines = []
+    while len(lines) < max_lines and (line := proc.stdout.readline()):
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no line with {text!r}:\n{''.join(lines[-20:])}")
+
+
+def test_peers_never_heard_are_named_and_the_node_trains_without_them(tmp_path: Path) -> None:
+    proc = popen(node_commands(tmp_path, 3, [*PROC_SETS, "gossip.rendezvous_s=1"])[0])
+    try:
+        read_until(proc, "waits up to 1 s for peers [1, 2] before training")
+        read_until(proc, "starts without peers [1, 2]: not heard within gossip.rendezvous_s")
+        read_peers(proc, 0)  # then it trains
+    finally:
+        stop_processes([proc], grace_s=5)
+
+
+def test_sigterm_during_the_rendezvous_exits_at_once(tmp_path: Path) -> None:
+    proc = popen(node_commands(tmp_path, 2, PROC_SETS)[0])  # waits up to 60 s for node 1
+    try:
+        read_until(proc, "waits up to 60 s for peers [1]")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        assert time.monotonic() - started < 5 and proc.returncode == 0
+    finally:
+        stop_processes([proc], grace_s=1)
+    summary = json.loads((tmp_path / "node-0" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["env_steps"] == 0
 
 
 def test_stopped_node_is_skipped_and_a_killed_one_resumes(tmp_path: Path) -> None:

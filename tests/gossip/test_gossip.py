@@ -169,3 +169,31 @@ def test_killed_node_is_marked_dead_and_rejoins(tmp_path):
     finally:
         stop_processes(procs, grace_s=10)
     assert [p.returncode for p in procs[:2]] == [0, 0]
+
+
+def test_a_node_started_first_waits_for_its_peer_and_both_gossip(tmp_path):
+    # node 0 alone first: it must wait for node 1 rather than train its short run alone (under
+    # Slurm one task can finish before the other has started, and neither gossips)
+    sets = ["train.total_steps=1500", "learner.learning_starts=100", "learner.batch_size=16",
+            "network.hidden=[16,16]", "eval.every_steps=0", "eval.final_episodes=1",
+            "checkpoint.every_steps=0", "gossip.interval=4", "gossip.share_every=64",
+            "gossip.share_batch=16", "gossip.heartbeat_s=0.2"]  # fmt: skip
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    passthrough = [a for s in sets for a in ("--set", s)] + ["--quiet"]
+    cmds = [node_command(r, addresses, tmp_path, passthrough, resume=False) for r in (0, 1)]
+    procs = [subprocess.Popen(cmds[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)]  # fmt: skip
+    try:
+        seen = []
+        while (line := procs[0].stdout.readline()) and "waits" not in line:
+            seen.append(line)  # node 0 says it waits, or ends having trained alone (EOF)
+        procs.append(subprocess.Popen(cmds[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+        for proc in procs:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, "".join(seen) + out[-2000:]
+    finally:
+        stop_processes(procs, grace_s=5)
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / f"node-{rank}" / "summary.json").read_text())
+        assert summary["exchange"]["gossip_recv_params"] > 0, f"node {rank} heard no parameters"

@@ -188,6 +188,7 @@ def test_mixing_goes_on_through_kill_resume_and_restart(tmp_path: Path, variant:
     world, victim = 4, 3
     mixers = [r for r in range(world) if r != idle]
     own = {idle: ["gossip.params=false"]} if idle is not None else {}
+    own[0] = ["gossip.rendezvous_s=0"]  # node 0 trains alone first, not waiting for the others
     cluster = Cluster(tmp_path, world, [*PROC_SETS, *extra], own)
 
     def all_agree(mixed_before: dict[int, int]) -> Callable[[], bool]:
