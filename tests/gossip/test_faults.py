@@ -171,15 +171,19 @@ PROC_SETS = [
 ]  # fmt: skip
 
 
+def sigterm_exits_within_5_s(proc: subprocess.Popen) -> None:
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert time.monotonic() - started < 5 and proc.returncode == 0
+
+
 def test_sigterm_with_dead_peers_checkpoints_and_exits_within_5_s(tmp_path: Path) -> None:
     # its two peers never answer, and it does not wait for them
     proc = popen(node_commands(tmp_path, 3, [*PROC_SETS, "gossip.rendezvous_s=0"])[0])
     try:
         read_peers(proc, 0)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-        assert time.monotonic() - started < 5 and proc.returncode == 0
+        sigterm_exits_within_5_s(proc)
     finally:
         stop_processes([proc], grace_s=1)
     state = load_checkpoint(tmp_path / "node-0" / "checkpoint.pt")
@@ -211,10 +215,7 @@ def test_sigterm_during_the_rendezvous_exits_at_once(tmp_path: Path) -> None:
     proc = popen(node_commands(tmp_path, 2, PROC_SETS)[0])  # waits up to 60 s for node 1
     try:
         read_until(proc, "waits up to 60 s for peers [1]")
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-        assert time.monotonic() - started < 5 and proc.returncode == 0
+        sigterm_exits_within_5_s(proc)
     finally:
         stop_processes([proc], grace_s=1)
     summary = json.loads((tmp_path / "node-0" / "summary.json").read_text())
