@@ -36,14 +36,19 @@ class Rejected(Exception):
 
 @dataclass
 class ObsBounds:
-    """The observation space's bounds (unbounded sides capped at MAX_ABS_OBS)."""
+    """The observation space's box widened by its own width on each side, every side capped at
+    MAX_ABS_OBS. A declared box is a hint that envs overshoot (gymnasium's LunarLander climbs to
+    y = 5.3 against a declared 2.5 when it fires its main engine; its height is unbounded), and
+    refusing a peer's honest share for it loses experience the sender itself trains on."""
 
     low: np.ndarray
     high: np.ndarray
 
     def __post_init__(self) -> None:
-        self.low = np.maximum(np.asarray(self.low, dtype=np.float64), -MAX_ABS_OBS)
-        self.high = np.minimum(np.asarray(self.high, dtype=np.float64), MAX_ABS_OBS)
+        low, high = np.asarray(self.low, np.float64), np.asarray(self.high, np.float64)
+        width = np.where(np.isfinite(high - low), high - low, MAX_ABS_OBS)
+        self.low = np.maximum(low - width, -MAX_ABS_OBS)
+        self.high = np.minimum(high + width, MAX_ABS_OBS)
 
     def contains(self, obs: np.ndarray) -> bool:
         """Whether every observation of the batch lies within the bounds."""
