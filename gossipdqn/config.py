@@ -190,19 +190,14 @@ class GossipConfig:
     max_bytes_per_s: float = setting(50e6, "outbound byte budget per peer; 0 is unlimited", low=0.0)
     peer_timeout_s: float = setting(5.0, "silence after which a peer is marked dead", low=0.1)
     heartbeat_s: float = setting(1.0, "seconds between hello messages to each peer", low=0.01)
-    rendezvous_s: float = setting(
-        60.0, "before its first step, wait up to this long to hear every peer (or one already "
-        "training), so a swarm starts together; 0 starts at once", low=0.0,
-    )  # fmt: skip
+    rendezvous_s: float = setting(60.0, "at start, most seconds to wait to hear every peer (or "
+                                  "one already training) before training", low=0.0)  # fmt: skip
     queue_messages: int = setting(
         8, "outbound messages queued per peer before the oldest drops", low=1
     )
-    max_message_mb: float = setting(
-        64.0,
-        "cap on an inbound frame and message, in MiB; a gossip node derives tighter bounds from "
-        "its own model and env (docs/security.md)",
-        low=0.001,
-    )
+    max_message_mb: float = setting(64.0, "cap on an inbound frame and message, in MiB; a gossip "
+                                    "node derives tighter bounds from its own model and env "
+                                    "(docs/security.md)", low=0.001)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,14 @@ def alive_ranks(peers: Mapping[int, Peer], timeout_s: float, now: float) -> list
     ]
 
 
+def awaited_ranks(peers: Mapping[int, Peer], alive: Sequence[int]) -> list[int]:
+    """The peers a starting node still waits for: none once one alive trains, else those not
+    heard (the rendezvous)."""
+    if any(peers[r].trains for r in alive):
+        return []
+    return [r for r in peers if r not in alive]
+
+
 def mixing_ranks(peers: Mapping[int, Peer], alive: Sequence[int]) -> set[int]:
     """The alive peers that mix parameters: the only ones push-sum weight may go to."""
     return {r for r in alive if peers[r].mixes}

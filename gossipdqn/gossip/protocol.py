@@ -37,6 +37,7 @@ from gossipdqn.gossip.peers import (
     DropLog,
     Peer,
     alive_ranks,
+    awaited_ranks,
     check_order,
     mixing_ranks,
     replace_dead,
@@ -62,18 +63,9 @@ class Gossip:
     """Mixes the learner's online net with peers' and trades experience; implements Exchange."""
 
     def __init__(
-        self,
-        rank: int,
-        addresses: list[str],
-        transport: Transport,
-        cfg: GossipConfig,
-        *,
-        run_id: str,
-        spec: EnvSpec,
-        fingerprint: str,
-        bounds: ObsBounds,
-        seed: int = 0,
-    ) -> None:
+        self, rank: int, addresses: list[str], transport: Transport, cfg: GossipConfig, *,
+        run_id: str, spec: EnvSpec, fingerprint: str, bounds: ObsBounds, seed: int = 0,
+    ) -> None:  # fmt: skip
         self.rank, self.world, self.cfg = rank, len(addresses), cfg
         self.transport, self.run_id, self.spec = transport, run_id, spec
         self.fingerprint, self.bounds = fingerprint, bounds
@@ -86,8 +78,7 @@ class Gossip:
         self.rng = np.random.default_rng(seed)
         self.drop_log = DropLog(rank)
         self.counts = Counts()
-        self.seq = 0
-        self.round = 0
+        self.seq = self.round = 0
         self.mixer = Mixer(cfg, self.world, rank)
         self.started = time.monotonic()
         self.training = False
@@ -113,33 +104,10 @@ class Gossip:
     # -- the node's hooks -------------------------------------------------------------------
 
     def rendezvous(self, stop: threading.Event) -> None:
-        """Before the first step, wait up to `rendezvous_s` until every peer is heard or one
-        says it trains already: a swarm starts together (as torchrun's ranks do), and a node that
-        restarts joins a running swarm at once. A peer not heard by then is left to join later."""
-        began = time.monotonic()
-        deadline, told = began + self.cfg.rendezvous_s, False
-        while (missing := self._not_met()) and not stop.is_set():
-            now = time.monotonic()
-            if now >= deadline:
-                log.warning("node %d starts without peers %s: not heard within "
-                            "gossip.rendezvous_s = %g s", self.rank, missing, self.cfg.rendezvous_s)
-                break
-            if not told and now - began >= self.cfg.heartbeat_s:
-                told = True
-                log.warning("node %d waits up to %g s for peers %s before training",
-                            self.rank, self.cfg.rendezvous_s, missing)  # fmt: skip
-            self.transport.wait(min(deadline - now, self.cfg.heartbeat_s))
-            self._hello()
-            self.poll()
+        """Wait for the peers (`wait_for_peers`), then tell them this node trains."""
+        wait_for_peers(self, stop)
         self.training = True
         self._hello(force=True)
-
-    def _not_met(self) -> list[int]:
-        """The peers still awaited: none once one alive trains, else those not heard."""
-        alive = self.alive()
-        if any(self.peers[r].trains for r in alive):
-            return []
-        return [r for r in self.peers if r not in alive]
 
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Take in what arrived; say hello on schedule; share experience every share_every."""
@@ -338,6 +306,27 @@ class Gossip:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def wait_for_peers(gossip: Gossip, stop: threading.Event) -> None:
+    """Before the first step, wait up to `rendezvous_s` until every peer is heard or one says
+    it trains already: a swarm starts together (as torchrun's ranks do), and a node that
+    restarts joins a running swarm at once. A peer not heard by then is left to join later."""
+    cfg, began = gossip.cfg, time.monotonic()
+    deadline, told = began + cfg.rendezvous_s, False
+    while (missing := awaited_ranks(gossip.peers, gossip.alive())) and not stop.is_set():
+        now = time.monotonic()
+        if now >= deadline:
+            log.warning("node %d starts without peers %s: not heard within gossip.rendezvous_s "
+                        "= %g s", gossip.rank, missing, cfg.rendezvous_s)  # fmt: skip
+            return
+        if not told and now - began >= cfg.heartbeat_s:
+            told = True
+            log.warning("node %d waits up to %g s for peers %s before training",
+                        gossip.rank, cfg.rendezvous_s, missing)  # fmt: skip
+        gossip.transport.wait(min(deadline - now, cfg.heartbeat_s))
+        gossip._hello()
+        gossip.poll()
 
 
 def traffic_metrics(stats: TransportStats, counts: Counts, elapsed_s: float) -> dict[str, Any]:

@@ -230,8 +230,7 @@ class Node:
 
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         """Train until total_steps, the threshold (when asked to stop there) or `stop`."""
-        stop = stop or threading.Event()
-        cfg = self.cfg
+        stop, cfg = stop or threading.Event(), self.cfg
         next_eval = _next_multiple(self.progress.env_steps, cfg.eval.every_steps)
         next_log = _next_multiple(self.progress.env_steps, cfg.train.log_every_steps)
         next_ckpt = _next_multiple(self.progress.env_steps, cfg.checkpoint.every_steps)
