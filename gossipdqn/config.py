@@ -191,7 +191,7 @@ class GossipConfig:
     peer_timeout_s: float = setting(5.0, "silence after which a peer is marked dead", low=0.1)
     heartbeat_s: float = setting(1.0, "seconds between hello messages to each peer", low=0.01)
     rendezvous_s: float = setting(60.0, "at start, most seconds to wait to hear every peer (or "
-                                  "one already training) before training", low=0.0)  # fmt: skip
+                                  "one already training); 0 trains at once", low=0.0)  # fmt: skip
     queue_messages: int = setting(
         8, "outbound messages queued per peer before the oldest drops", low=1
     )

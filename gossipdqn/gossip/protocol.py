@@ -99,7 +99,7 @@ class Gossip:
         self.limits = replace(
             self.limits, max_total_bytes=min(self.limits.max_total_bytes, bounds.tensor_bytes)
         )
-        self._hello(force=True)
+        self.say_hello(force=True)
 
     # -- the node's hooks -------------------------------------------------------------------
 
@@ -107,11 +107,11 @@ class Gossip:
         """Wait for the peers (`wait_for_peers`), then tell them this node trains."""
         wait_for_peers(self, stop)
         self.training = True
-        self._hello(force=True)
+        self.say_hello(force=True)
 
     def after_env_step(self, env_steps: int, transitions: Transitions) -> None:
         """Take in what arrived; say hello on schedule; share experience every share_every."""
-        self._hello()
+        self.say_hello()
         self.poll()
         if self.cfg.experience:
             self.pending.append(transitions)
@@ -196,7 +196,8 @@ class Gossip:
             self.counts.sent[kind.name.lower()] += 1
         return queued
 
-    def _hello(self, *, force: bool = False) -> None:
+    def say_hello(self, *, force: bool = False) -> None:
+        """Send every peer a hello when one is due (every heartbeat_s), or now with `force`."""
         now = time.monotonic()
         if not force and now - self.last_hello < self.cfg.heartbeat_s:
             return
@@ -325,7 +326,7 @@ def wait_for_peers(gossip: Gossip, stop: threading.Event) -> None:
             log.warning("node %d waits up to %g s for peers %s before training",
                         gossip.rank, cfg.rendezvous_s, missing)  # fmt: skip
         gossip.transport.wait(min(deadline - now, cfg.heartbeat_s))
-        gossip._hello()
+        gossip.say_hello()
         gossip.poll()
 
 
